@@ -1,0 +1,1 @@
+"""The iomux conformance suite."""

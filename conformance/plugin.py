@@ -1,0 +1,124 @@
+"""The pytest plugin that runs the conformance suite against drivers.
+
+It is installed as a ``pytest11`` entry point, so any pytest run in an
+environment with iomux has its options:
+
+``--iomux-driver module:Class``
+    Run the suite on this driver class (repeatable). A third party tests
+    its own driver with ``pytest --pyargs iomux.conformance --iomux-driver
+    mypkg.mymod:MyDriver`` or ``python -m iomux conformance --driver ...``.
+``--iomux-backend NAME``
+    Run the suite on this registered backend (repeatable). With neither
+    option, every built-in backend is tested.
+
+Every test that takes the ``driver`` fixture runs once per driver. A
+built-in driver that cannot run on Linux makes its tests *fail* with the
+reason: a skip would hide a broken install. A capability a driver declares
+it lacks is a skip that names the capability (see :func:`require`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from iomux.multiplexer import Multiplexer, Trigger
+from iomux.registry import AUTO_ORDER, backend_info, load_driver
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Add the ``--iomux-driver`` and ``--iomux-backend`` options."""
+    group = parser.getgroup("iomux", "iomux conformance suite")
+    group.addoption(
+        "--iomux-driver",
+        action="append",
+        default=[],
+        metavar="MODULE:CLASS",
+        help="run the conformance suite on this Multiplexer subclass (repeatable)",
+    )
+    group.addoption(
+        "--iomux-backend",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run the conformance suite on this registered backend (repeatable)",
+    )
+
+
+class DriverUnderTest:
+    """A driver the suite runs on: its name and how to get its class."""
+
+    def __init__(self, label: str, *, spec: str | None = None, backend: str | None = None):
+        self.label = label
+        self.spec = spec
+        self.backend = backend
+
+    def load(self) -> type[Multiplexer]:
+        """Return the driver class, or fail the test saying why it cannot run."""
+        if self.spec is not None:
+            try:
+                cls = load_driver(self.spec)
+            except Exception as exc:  # report any import problem as a failure
+                pytest.fail(f"cannot load driver {self.spec}: {exc}", pytrace=False)
+            reason = cls.probe()
+            if reason is not None:
+                pytest.fail(f"driver {self.spec} cannot run here: {reason}", pytrace=False)
+            return cls
+        assert self.backend is not None
+        info = backend_info(self.backend)
+        if not info.available or info.driver is None:
+            where = "built-in " if info.origin == "builtin" else ""
+            pytest.fail(
+                f"{where}backend {self.backend} is unavailable on {sys.platform}: {info.reason}",
+                pytrace=False,
+            )
+        return info.driver
+
+
+def drivers_under_test(config: pytest.Config) -> list[DriverUnderTest]:
+    """The drivers selected by the command-line options."""
+    specs: list[str] = config.getoption("--iomux-driver")
+    names: list[str] = config.getoption("--iomux-backend")
+    chosen = [DriverUnderTest(spec.rpartition(":")[2], spec=spec) for spec in specs]
+    chosen += [DriverUnderTest(name, backend=name) for name in names]
+    return chosen or [DriverUnderTest(name, backend=name) for name in AUTO_ORDER]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrise every test that uses ``driver_under_test`` over the drivers."""
+    if "driver_under_test" in metafunc.fixturenames:
+        chosen = drivers_under_test(metafunc.config)
+        metafunc.parametrize(
+            "driver_under_test", chosen, ids=[d.label for d in chosen], scope="session"
+        )
+
+
+@pytest.fixture(scope="session")
+def driver(driver_under_test: DriverUnderTest) -> type[Multiplexer]:
+    """The Multiplexer subclass under test."""
+    return driver_under_test.load()
+
+
+@pytest.fixture
+def mux(driver: type[Multiplexer]) -> Iterator[Multiplexer]:
+    """A fresh multiplexer of the driver under test, closed afterwards."""
+    instance = driver()
+    try:
+        yield instance
+    finally:
+        instance.close()
+
+
+def require(driver: type[Multiplexer] | Multiplexer, trigger: Trigger) -> None:
+    """Skip the calling test, naming the capability, if ``driver`` lacks ``trigger``."""
+    if trigger not in driver.capabilities.triggers:
+        pytest.skip(f"{driver.name} declares no capability trigger={trigger.value}")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Say which drivers the suite runs on."""
+    labels: list[Any] = [d.label for d in drivers_under_test(config)]
+    return [f"iomux conformance drivers: {', '.join(labels)}"]

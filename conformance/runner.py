@@ -1,0 +1,46 @@
+"""``python -m iomux conformance``: run the suite and print a per-driver summary."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any
+
+import pytest
+
+_PARAM = re.compile(r"\[([^\]-]+)")
+
+
+class _Summary:
+    """A pytest plugin that counts outcomes per driver."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        """Count each test once, by its driver parameter."""
+        match = _PARAM.search(report.nodeid)
+        driver = match.group(1) if match else "(no driver)"
+        if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+            self.counts[driver][report.outcome] += 1
+
+
+def run_conformance(
+    backends: list[str] | None = None,
+    drivers: list[str] | None = None,
+    pytest_args: list[str] | None = None,
+) -> int:
+    """Run the conformance suite; return pytest's exit code (non-zero on any failure)."""
+    args = ["--pyargs", "iomux.conformance", "-p", "no:cacheprovider", "--import-mode=importlib"]
+    for name in backends or []:
+        args += ["--iomux-backend", name]
+    for spec in drivers or []:
+        args += ["--iomux-driver", spec]
+    args += list(pytest_args or ["-q"])
+    summary = _Summary()
+    code = int(pytest.main(args, plugins=[summary]))
+    print("\nconformance summary per driver:")
+    for driver, counts in sorted(summary.counts.items()):
+        parts = ", ".join(f"{counts[k]} {k}" for k in ("passed", "skipped", "failed") if counts[k])
+        print(f"  {driver}: {parts}")
+    return code
