@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 
@@ -21,7 +22,7 @@ def test_close_is_idempotent_and_final(driver: type[Multiplexer]) -> None:
         mux.close()
         mux.close()
         assert mux.closed and len(mux) == 0 and a not in mux
-        calls = [
+        calls: list[Callable[[], object]] = [
             lambda: mux.register(b, R),
             lambda: mux.modify(a, R),
             lambda: mux.unregister(a),

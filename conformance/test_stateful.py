@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -109,7 +111,7 @@ class _Machine(RuleBasedStateMachine):
 
 
 def test_driver_matches_model(driver: type[Multiplexer]) -> None:
-    machine = type(f"{driver.name}Machine", (_Machine,), {"driver": driver})
+    machine: Any = type(f"{driver.name}Machine", (_Machine,), {"driver": driver})
     test_case = machine.TestCase
     test_case.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
     test_case().runTest()
