@@ -172,3 +172,15 @@ def test_exception_from_signal_handler_propagates(mux: Multiplexer) -> None:
         # The multiplexer is still usable afterwards.
         b.send(b"x")
         assert [e.fd for e in mux.poll(1)] == [a.fileno()]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), "1", b"0"])
+def test_bad_timeout_is_refused(mux: Multiplexer, bad: object) -> None:
+    with pytest.raises((TypeError, ValueError)):
+        mux.poll(bad)  # type: ignore[arg-type]
+
+
+def test_infinite_timeout_blocks_like_none(mux: Multiplexer) -> None:
+    threading.Timer(0.05, mux.wakeup).start()
+    events, took = _timed(mux, float("inf"))
+    assert events == [] and 0.04 <= took < 2.0

@@ -34,7 +34,6 @@ class PollLikeDriver(Multiplexer):
 
     def __init__(self) -> None:
         self._poller = type(self)._poller_factory()
-        self._masks: dict[int, int] = {}
         super().__init__()
 
     def _flags(self, reg: Registration) -> int:
@@ -70,18 +69,9 @@ class PollLikeDriver(Multiplexer):
 
     def _wait(self, timeout: float | None) -> Iterable[tuple[int, int]]:
         if timeout is None:
-            ready = self._poll(-1)
-        else:
-            # Round up to whole milliseconds: a wait rounded down to 0 would spin.
-            ready = self._poll(math.ceil(timeout * 1e3) / 1e3 * self._TIMEOUT_SCALE)
-        masks = self._masks
-        out = []
-        for fd, ev in ready:
-            mask = masks.get(ev)
-            if mask is None:
-                mask = masks[ev] = self._translate(ev)
-            out.append((fd, mask))
-        return out
+            return self._poll(-1)
+        # Round up to whole milliseconds: a wait rounded down to 0 would spin.
+        return self._poll(math.ceil(timeout * 1e3) / 1e3 * self._TIMEOUT_SCALE)
 
     def _poll(self, timeout: float) -> list[tuple[int, int]]:
         # -1 blocks for both select.poll (milliseconds) and select.epoll (seconds).
@@ -92,12 +82,12 @@ class PollLikeDriver(Multiplexer):
         if close is not None:
             close()
 
-    def _translate(self, ev: int) -> int:
+    def _translate(self, event: int) -> int:
         # Hang-up and error conditions count as readiness for both
         # directions; the base class keeps only what was registered.
         mask = 0
-        if ev & ~self._EVENT_WRITE:
+        if event & ~self._EVENT_WRITE:
             mask |= _READ
-        if ev & ~self._EVENT_READ:
+        if event & ~self._EVENT_READ:
             mask |= _WRITE
         return mask

@@ -39,7 +39,7 @@ def test_more_ready_than_default_maxevents() -> None:
     with EpollDriver() as mux:
         pairs = [socket.socketpair() for _ in range(1500)]
         try:
-            for a, b in pairs:
+            for a, _ in pairs:
                 mux.register(a, Interest.WRITE)
             assert len(mux.poll(0)) == 1500
         finally:
