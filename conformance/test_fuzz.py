@@ -17,7 +17,7 @@ from .helpers import socketpair
 
 SLOTS = 5
 interests = st.sampled_from([1, 2, 3, 0, 4, -1, "r", None])
-triggers = st.sampled_from(list(Trigger) + ["level"])  # type: ignore[operator]
+triggers = st.sampled_from([*Trigger, "level"])
 bad_files = st.sampled_from([-1, object(), "3", 1.5, None])
 
 
