@@ -19,22 +19,13 @@ _READ = int(Interest.READ)
 _WRITE = int(Interest.WRITE)
 
 
-class PollLikeDriver(Multiplexer):
-    """A driver over an object with ``register``/``modify``/``unregister``/``poll``."""
+class PollMasks:
+    """Translation between Interest bits and poll(2)-style event masks."""
 
-    _poller_factory: ClassVar[Callable[[], Any]]
     _EVENT_READ: ClassVar[int]
     _EVENT_WRITE: ClassVar[int]
-    #: Extra poller flags per trigger; a trigger missing here is unsupported.
+    #: Extra kernel flags per trigger; a trigger missing here is unsupported.
     _TRIGGER_FLAGS: ClassVar[dict[Trigger, int]] = {Trigger.LEVEL: 0}
-    #: Multiply a timeout in seconds by this to get the poller's unit.
-    _TIMEOUT_SCALE: ClassVar[float] = 1e3
-    #: Whether the poller itself rejects fds that are not open (epoll does).
-    _CHECKS_FDS: ClassVar[bool] = False
-
-    def __init__(self) -> None:
-        self._poller = type(self)._poller_factory()
-        super().__init__()
 
     def _flags(self, reg: Registration) -> int:
         flags = self._TRIGGER_FLAGS[reg.trigger]
@@ -43,6 +34,30 @@ class PollLikeDriver(Multiplexer):
         if reg.interest & _WRITE:
             flags |= self._EVENT_WRITE
         return flags
+
+    def _translate(self, event: int) -> int:
+        # Hang-up and error conditions count as readiness for both
+        # directions; the base class keeps only what was registered.
+        mask = 0
+        if event & ~self._EVENT_WRITE:
+            mask |= _READ
+        if event & ~self._EVENT_READ:
+            mask |= _WRITE
+        return mask
+
+
+class PollLikeDriver(PollMasks, Multiplexer):
+    """A driver over an object with ``register``/``modify``/``unregister``/``poll``."""
+
+    _poller_factory: ClassVar[Callable[[], Any]]
+    #: Multiply a timeout in seconds by this to get the poller's unit.
+    _TIMEOUT_SCALE: ClassVar[float] = 1e3
+    #: Whether the poller itself rejects fds that are not open (epoll does).
+    _CHECKS_FDS: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self._poller = type(self)._poller_factory()
+        super().__init__()
 
     def _control(self, fd: int, old: Registration | None, new: Registration | None) -> None:
         if new is None:
@@ -81,13 +96,3 @@ class PollLikeDriver(Multiplexer):
         close = getattr(self._poller, "close", None)
         if close is not None:
             close()
-
-    def _translate(self, event: int) -> int:
-        # Hang-up and error conditions count as readiness for both
-        # directions; the base class keeps only what was registered.
-        mask = 0
-        if event & ~self._EVENT_WRITE:
-            mask |= _READ
-        if event & ~self._EVENT_READ:
-            mask |= _WRITE
-        return mask

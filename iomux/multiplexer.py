@@ -220,7 +220,7 @@ class Multiplexer(ABC):
         self._ev_masks: dict[int, int] = {}
         self._closed = False
         self._pid = os.getpid()
-        self._generation = _fork_generation
+        self._fork_gen = _fork_generation
         self._woken = False
         self._waker = Waker()
         self._waker_fd = self._waker.fileno()
@@ -474,7 +474,7 @@ class Multiplexer(ABC):
     def _check_usable(self) -> None:
         if self._closed:
             raise MultiplexerClosed(f"this {self.name} multiplexer is closed")
-        if self._generation != _fork_generation:
+        if self._fork_gen != _fork_generation:
             raise ForkedError(self.name, self._pid, os.getpid())
 
     def _check_trigger(self, trigger: object) -> None:
