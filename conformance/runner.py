@@ -8,19 +8,23 @@ from typing import Any
 
 import pytest
 
-_PARAM = re.compile(r"\[([^\]-]+)")
+from iomux.registry import AUTO_ORDER
+
+_PARAM = re.compile(r"\[([^\]]+)\]")
 
 
 class _Summary:
     """A pytest plugin that counts outcomes per driver."""
 
-    def __init__(self) -> None:
+    def __init__(self, labels: list[str]) -> None:
+        self.labels = labels
         self.counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
     def pytest_runtest_logreport(self, report: Any) -> None:
-        """Count each test once, by its driver parameter."""
+        """Count each test once, under the driver named in its parameters."""
         match = _PARAM.search(report.nodeid)
-        driver = match.group(1) if match else "(no driver)"
+        parts = match.group(1).split("-") if match else []
+        driver = next((p for p in parts if p in self.labels), "(no driver)")
         if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
             self.counts[driver][report.outcome] += 1
 
@@ -37,7 +41,8 @@ def run_conformance(
     for spec in drivers or []:
         args += ["--iomux-driver", spec]
     args += list(pytest_args or ["-q"])
-    summary = _Summary()
+    config_labels = [spec.rpartition(":")[2] for spec in drivers or []] + list(backends or [])
+    summary = _Summary(config_labels or list(AUTO_ORDER))
     code = int(pytest.main(args, plugins=[summary]))
     print("\nconformance summary per driver:")
     for driver, counts in sorted(summary.counts.items()):

@@ -26,6 +26,7 @@ class EpollDriver(PollLikeDriver):
         triggers=frozenset({Trigger.LEVEL, Trigger.EDGE, Trigger.ONESHOT}),
         wait_cost="O(ready)",
         threadsafe_register=True,
+        pollable_fd=True,
     )
     flaws = (
         "a registration follows the open file description: close a dup'd fd "

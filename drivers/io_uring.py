@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -43,9 +44,9 @@ from ._uring import CQE, F_MORE, POLLIN, POLLOUT
 from .pollable import PollMasks
 
 _FD_MASK = 0xFFFFFFFF
-#: user_data of the driver's own requests (poll removal): fd part is never an fd.
-_INTERNAL = _FD_MASK
-_GENERATIONS = 0x7FFFFFFF
+#: Set in the user_data of a removal request, whose other bits name its target.
+_REMOVAL = 1 << 62
+_GENERATIONS = 0x3FFFFFFF
 
 
 class IoUringDriver(PollMasks, Multiplexer):
@@ -57,6 +58,7 @@ class IoUringDriver(PollMasks, Multiplexer):
         wait_cost="O(ready)",
         threadsafe_register=False,
         completion=True,
+        pollable_fd=True,
         notes={
             "level": "one-shot poll re-armed after each report",
             "edge": "multishot poll",
@@ -87,13 +89,16 @@ class IoUringDriver(PollMasks, Multiplexer):
         return {k: info[k] for k in keep if k in info}
 
     def __init__(self, entries: int = 256, cq_entries: int = 4096, capacity: int = 1024) -> None:
-        try:
-            self.ring = _uring.Ring(entries, cq_entries=cq_entries, capacity=capacity)
-        except _uring.RingSetupError as exc:
-            raise BackendUnavailable(self.name, exc.reason) from None
+        self._sizes = (entries, cq_entries, capacity)
+        self.ring = self._new_ring(single_issuer=True)
         # fd -> (user_data of the request in flight or 0, poll mask, trigger)
         self._live: dict[int, tuple[int, int, Trigger]] = {}
         self._generation = 0
+        # Completions taken out of the ring outside a wait, for the next wait.
+        self._backlog: list[tuple[int, int, int]] = []
+        self._owner: int | None = None
+        self._resync = False
+        self._eager = False  # set once fileno() is handed out
         try:
             super().__init__()
         except BaseException:
@@ -104,10 +109,21 @@ class IoUringDriver(PollMasks, Multiplexer):
         if old is None and new is not None:
             os.fstat(fd)  # OSError(EBADF) now rather than a failed request later
         live = self._live.pop(fd, None)
-        if live is not None and live[0]:
-            self.ring.poll_remove(live[0], _INTERNAL, skip_success=True)
+        removed = live is not None and live[0] != 0
+        if removed:
+            self._remove(live[0])  # type: ignore[index]
         if new is not None:
             self._arm(fd, self._flags(new), new.trigger)
+        # Submit at once, as epoll would, when a host waits on fileno()
+        # rather than in poll(), and when a poll request that holds the file
+        # open is removed, so that closing the fd after unregister() really
+        # closes it. (From another thread than the ring's own it cannot be
+        # entered; close() frees everything.)
+        if (self._eager or (removed and new is None)) and self._owner in (
+            None,
+            threading.get_ident(),
+        ):
+            self._enter_now()
 
     def _arm(self, fd: int, mask: int, trigger: Trigger) -> None:
         self._generation = gen = self._generation % _GENERATIONS + 1
@@ -118,22 +134,81 @@ class IoUringDriver(PollMasks, Multiplexer):
             self.ring.poll_add(fd, mask, user_data)
         self._live[fd] = (user_data, mask, trigger)
 
+    def _remove(self, user_data: int) -> None:
+        # Only failures complete (SKIP_SUCCESS); they carry the target's tag.
+        self.ring.poll_remove(user_data, _REMOVAL | user_data, skip_success=True)
+
+    def _enter_now(self) -> None:
+        """Submit what is queued and keep the completions for the next wait."""
+        self._owner = threading.get_ident()
+        for _ in range(8):
+            self._backlog += CQE.iter_unpack(self.ring.enter(0, 0))
+            retried = self._retry_removals()
+            if not retried and not self.ring.more:
+                break
+        if self._backlog and self._eager:
+            # Completions taken out of the ring do not make its fd readable:
+            # fire the wakeup fd so that the host comes back to poll().
+            self._waker.wake()
+
+    def _retry_removals(self) -> bool:
+        retried = False
+        keep = []
+        for item in self._backlog:
+            user_data, res, _ = item
+            if user_data & _REMOVAL:
+                # EALREADY: the poll was running its wake-up; removing it
+                # again after that succeeds. Any other failure (ENOENT) means
+                # it is gone already.
+                if res == -errno.EALREADY:
+                    self._remove(user_data & ~_REMOVAL)
+                    retried = True
+            else:
+                keep.append(item)
+        self._backlog = keep
+        return retried
+
     def _wait(self, timeout: float | None) -> Iterable[tuple[int, int]]:
+        if self._resync:
+            self._rearm_all()
+        try:
+            return self._wait_once(timeout)
+        except BaseException:
+            # A signal handler raised (or worse) after completions were taken
+            # from the ring but before they were handled: their fds would go
+            # silent. Re-arm every registration before the next wait.
+            self._resync = True
+            raise
+
+    def _rearm_all(self) -> None:
+        self._resync = False
+        for fd, (user_data, mask, trigger) in list(self._live.items()):
+            if user_data:
+                self._remove(user_data)
+            if trigger is not Trigger.ONESHOT or user_data:
+                self._arm(fd, mask, trigger)
+
+    def _wait_once(self, timeout: float | None) -> Iterable[tuple[int, int]]:
         ring = self.ring
+        self._owner = threading.get_ident()  # SINGLE_ISSUER binds the ring to it
+        ready: list[tuple[int, int]] = []
+        rearm: list[tuple[int, int, Trigger]] = []
+        if self._backlog:
+            backlog, self._backlog = self._backlog, []
+            self._reap(backlog, ready, rearm)
+            timeout = 0
         if timeout is None:
             raw = ring.enter(1, -1)
         elif timeout == 0:
             raw = ring.enter(0, 0)
         else:
             raw = ring.enter(1, math.ceil(timeout * 1e9))
-        ready: list[tuple[int, int]] = []
-        rearm: list[tuple[int, int, Trigger]] = []
-        self._reap(raw, ready, rearm)
+        self._reap(CQE.iter_unpack(raw), ready, rearm)
         # Take every completion now, and re-arm only afterwards: a re-arm
         # submitted by the next enter of this loop would complete again for
         # an fd the caller has not even seen yet.
         while ring.more:
-            self._reap(ring.enter(0, 0), ready, rearm)
+            self._reap(CQE.iter_unpack(ring.enter(0, 0)), ready, rearm)
         for fd, mask, trigger in rearm:
             if trigger is Trigger.LEVEL:
                 ring.poll_add(fd, mask, self._live[fd][0])
@@ -143,16 +218,21 @@ class IoUringDriver(PollMasks, Multiplexer):
 
     def _reap(
         self,
-        raw: memoryview,
+        completions: Iterable[tuple[int, int, int]],
         ready: list[tuple[int, int]],
         rearm: list[tuple[int, int, Trigger]],
     ) -> None:
         live = self._live
-        for user_data, res, flags in CQE.iter_unpack(raw):
+        for user_data, res, flags in completions:
             fd = user_data & _FD_MASK
             state = live.get(fd)
             if state is None or state[0] != user_data:
-                continue  # cancelled, replaced or internal: stale
+                if user_data & _REMOVAL:
+                    if res == -errno.EALREADY:
+                        self._remove(user_data & ~_REMOVAL)
+                elif flags & F_MORE:
+                    self._remove(user_data)  # a replaced multishot poll still alive
+                continue
             if res < 0:
                 if res == -errno.ECANCELED:
                     continue
@@ -167,6 +247,56 @@ class IoUringDriver(PollMasks, Multiplexer):
             elif trigger is Trigger.ONESHOT:
                 live[fd] = (0, state[1], trigger)
             ready.append((fd, res))
+
+    def _new_ring(self, *, single_issuer: bool) -> _uring.Ring:
+        entries, cq_entries, capacity = self._sizes
+        try:
+            return _uring.Ring(
+                entries, cq_entries=cq_entries, capacity=capacity, single_issuer=single_issuer
+            )
+        except _uring.RingSetupError as exc:
+            raise BackendUnavailable(self.name, exc.reason) from None
+
+    def _switch_to_pollable_ring(self) -> None:
+        # With DEFER_TASKRUN the kernel runs poll wake-ups only when the ring's
+        # owner enters it, so a host blocked in epoll_wait on the ring's fd is
+        # never woken. A ring without it wakes fd waiters: move everything there.
+        if self.ring._groups or self.ring._sends:
+            raise RuntimeError(
+                "call fileno() before starting completion operations on this io_uring "
+                "multiplexer: the ring must be re-created to be pollable"
+            )
+        old, self.ring = self.ring, self._new_ring(single_issuer=False)
+        old.close()
+        self._backlog.clear()
+        for fd, (user_data, mask, trigger) in list(self._live.items()):
+            if user_data or trigger is not Trigger.ONESHOT:
+                self._arm(fd, mask, trigger)
+
+    def fileno(self) -> int:
+        """The ring's fd: readable when completions (or deferred work) wait.
+
+        The first call re-creates the ring without ``DEFER_TASKRUN`` (whose
+        wake-ups only run when the ring's owner enters it, so they never wake
+        a host waiting on the fd), moving every registration over. From then
+        on registration changes are submitted at once, since the host may wait
+        on this fd instead of in :meth:`poll`. Call
+        :meth:`submit` before each such wait: the level-triggered re-arms of
+        the last ``poll()`` are still queued in user space.
+        """
+        self._check_usable()
+        if "DEFER_TASKRUN" in self.ring.setup_flag_names:
+            self._switch_to_pollable_ring()
+        self._eager = True
+        return self.ring.fileno()
+
+    def submit(self) -> None:
+        """Submit queued requests now (from the thread that polls the ring)."""
+        self._check_usable()
+        if self.ring.pending and self._owner in (None, threading.get_ident()):
+            self._enter_now()
+        if self._backlog:
+            self._waker.wake()  # see _enter_now
 
     def _close(self) -> None:
         self._live.clear()

@@ -3,8 +3,8 @@
 Open a multiplexer with :func:`open_multiplexer` (select, poll, epoll or
 io_uring, chosen by argument, ``IOMUX_BACKEND``, config file or ``auto``),
 list what can run here with :func:`backends`, use any driver through the
-:mod:`selectors` interface with :class:`Selector`, or run asyncio on one with
-:func:`new_event_loop`.
+:mod:`selectors` interface with :class:`Selector`, run asyncio on one with
+:func:`new_event_loop`, or serve connections with the :class:`Reactor`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from .errors import (
     UnwatchableFile,
 )
 from .multiplexer import Capabilities, Event, Interest, Multiplexer, Registration, Trigger
+from .reactor import Reactor
 from .registry import BackendInfo, Selection, backends, choose, open_multiplexer
 from .selector import Selector
 
@@ -40,6 +41,7 @@ __all__ = [
     "IomuxError",
     "Multiplexer",
     "MultiplexerClosed",
+    "Reactor",
     "Registration",
     "Selection",
     "Selector",

@@ -40,6 +40,7 @@ half-registered.
 from __future__ import annotations
 
 import enum
+import io
 import math
 import os
 import time
@@ -119,6 +120,8 @@ class Capabilities:
     threadsafe_register: bool = False
     #: Whether the driver offers completion operations (accept/recv/send on the ring).
     completion: bool = False
+    #: Whether :meth:`Multiplexer.fileno` gives one fd that a host loop can wait on.
+    pollable_fd: bool = False
     #: How trigger support is achieved, e.g. {"oneshot": "emulated"}.
     notes: dict[str, str] = field(default_factory=dict)
 
@@ -130,6 +133,7 @@ class Capabilities:
             "wait_cost": self.wait_cost,
             "threadsafe_register": self.threadsafe_register,
             "completion": self.completion,
+            "pollable_fd": self.pollable_fd,
             "notes": dict(self.notes),
         }
 
@@ -431,12 +435,23 @@ class Multiplexer(ABC):
     def fileno(self) -> int:
         """An fd that becomes readable when :meth:`poll` has something to do.
 
-        Drivers with a kernel object that is itself pollable (epoll) return
-        it; the base implementation raises ``io.UnsupportedOperation``.
+        For embedding in a host's event loop: wait until it is readable, then
+        call ``poll(0)``. Call :meth:`submit` before each such wait. Only
+        drivers whose capabilities say ``pollable_fd`` have one; the others
+        raise ``io.UnsupportedOperation``.
         """
-        import io
+        raise io.UnsupportedOperation(
+            f"the {self.name} driver has no single pollable fd (capability pollable_fd)"
+        )
 
-        raise io.UnsupportedOperation(f"the {self.name} driver has no pollable fd")
+    def submit(self) -> None:
+        """Hand queued registration changes to the kernel now, without waiting.
+
+        Drivers that batch changes into the next wait (io_uring) need this
+        before a host waits on :meth:`fileno` instead of calling
+        :meth:`poll`; for the others it does nothing.
+        """
+        self._check_usable()
 
     # -- lifetime ----------------------------------------------------------
 

@@ -10,6 +10,7 @@ import pytest
 import iomux
 from iomux import registry
 from iomux.drivers.epoll import EpollDriver
+from iomux.drivers.io_uring import IoUringDriver
 from iomux.drivers.poll import PollDriver
 
 
@@ -119,9 +120,11 @@ def test_auto_picks_best_available(monkeypatch: pytest.MonkeyPatch) -> None:
     sel = iomux.choose("auto")
     best = next(b for b in iomux.backends() if b.available)
     assert sel.name == best.name
+    _unavailable(monkeypatch, IoUringDriver, "ring off")
     _unavailable(monkeypatch, EpollDriver, "off")
     sel = iomux.choose()
-    assert sel.name != "epoll" and ("epoll", "off") in sel.skipped
+    assert sel.name == "poll"
+    assert sel.skipped == (("io_uring", "ring off"), ("epoll", "off"))
     assert sel.source == "default"
 
 

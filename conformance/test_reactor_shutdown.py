@@ -1,0 +1,134 @@
+"""Graceful shutdown: stop accepting, finish or drain, lose nothing written."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from iomux import Multiplexer
+from iomux.reactor import Reactor, ShutdownTimeout
+from iomux.reactor.testing import Recorder
+
+TIMEOUT = 10.0
+BIG = 32 * 1024 * 1024
+
+
+@pytest.fixture
+def reactor(driver: type[Multiplexer]) -> Iterator[Reactor]:
+    r = Reactor(backend=driver)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def _echo_server(reactor: Reactor) -> tuple[list[Recorder], int]:
+    recs: list[Recorder] = []
+    server = reactor.create_server(
+        lambda: recs.append(Recorder(reactor, echo=True)) or recs[-1], "127.0.0.1", 0
+    )
+    return recs, server.port()
+
+
+def test_shutdown_with_data_in_flight(reactor: Reactor) -> None:
+    recs, port = _echo_server(reactor)
+    payload = os.urandom(4 * 1024 * 1024)
+    client = Recorder(reactor)
+    reactor.run_until_complete(
+        reactor.create_connection(lambda: client, "127.0.0.1", port), timeout=TIMEOUT
+    )
+    client.transport.write(payload[: len(payload) // 2])
+    while len(client.received) < 100_000:  # the echo is flowing
+        reactor.run_once(1.0)
+    done = reactor.shutdown(grace=5.0)
+    # New connections are refused from now on...
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    # ...while the open one keeps being served until it finishes by itself.
+    client.transport.write(payload[len(payload) // 2 :])
+    client.transport.write_eof()
+    start = time.monotonic()
+    reactor.run_until_complete(done, timeout=TIMEOUT)
+    assert time.monotonic() - start < 4.0, "shutdown waited for the grace period"
+    reactor.run_until_complete(client.lost, timeout=TIMEOUT)
+    assert hashlib.sha256(client.received).digest() == hashlib.sha256(payload).digest()
+    assert recs[0].sequence() == ["made", "data", "eof", "lost:None"]
+    assert client.sequence() == ["made", "data", "eof", "lost:None"]
+
+
+def test_shutdown_serves_backlog_and_flushes_at_grace_end(reactor: Reactor) -> None:
+    recs, port = _echo_server(reactor)
+    # This client completes its handshake and sends before the reactor ever
+    # runs: it sits in the backlog when the shutdown begins.
+    raw = socket.create_connection(("127.0.0.1", port))
+    raw.sendall(b"queued before shutdown")
+    done = reactor.shutdown(grace=0.3, drain=5.0)
+    reactor.run_until_complete(reactor.sleep(0.1), timeout=TIMEOUT)
+    assert len(recs) == 1, "the backlogged connection was not accepted"
+    # The server writes 32 MiB the client is not reading yet (more than the
+    # socket buffers hold); at the grace end the connection is closed with
+    # its buffer flushed, not dropped.
+    recs[0].transport.write(b"z" * BIG)
+    assert recs[0].transport.get_write_buffer_size() > 0
+    reactor.run_until_complete(reactor.sleep(0.4), timeout=TIMEOUT)
+    assert recs[0].transport.is_closing() and not done.done()
+    raw.setblocking(False)
+    got = bytearray()
+    deadline = time.monotonic() + TIMEOUT
+    while not done.done() and time.monotonic() < deadline:
+        reactor.run_once(0.01)
+        try:
+            got += raw.recv(1 << 20)
+        except BlockingIOError:
+            pass
+    raw.setblocking(True)
+    raw.settimeout(TIMEOUT)
+    while chunk := raw.recv(1 << 20):
+        got += chunk
+    raw.close()
+    assert bytes(got) == b"queued before shutdown" + b"z" * BIG
+    assert recs[0].sequence() == ["made", "data", "lost:None"]
+
+
+def test_shutdown_aborts_after_drain_time(reactor: Reactor) -> None:
+    recs, port = _echo_server(reactor)
+    raw = socket.create_connection(("127.0.0.1", port))  # never reads
+    while not recs:
+        reactor.run_once(0.1)
+    recs[0].transport.write(b"q" * (16 * 1024 * 1024))
+    done = reactor.shutdown(grace=0.1, drain=0.2)
+    reactor.run_until_complete(done, timeout=TIMEOUT)
+    exc = reactor.run_until_complete(recs[0].lost, timeout=TIMEOUT)
+    assert isinstance(exc, ShutdownTimeout)
+    raw.close()
+
+
+def test_sigterm_handler_shuts_down_and_stops(reactor: Reactor) -> None:
+    recs, port = _echo_server(reactor)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    raw.sendall(b"last words")
+    previous = signal.getsignal(signal.SIGTERM)
+    reactor.install_shutdown_handlers((signal.SIGTERM,), grace=0.2, drain=1.0)
+    try:
+        reactor.call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
+        guard = reactor.call_later(TIMEOUT, reactor.stop)  # fail fast on a hang
+        start = time.monotonic()
+        reactor.run_forever()
+        assert time.monotonic() - start < 3.0
+        guard.cancel()
+    finally:
+        reactor.remove_signal_handler(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) == previous
+    got = b""
+    while chunk := raw.recv(4096):
+        got += chunk
+    raw.close()
+    assert got == b"last words"
+    reactor.run_until_complete(recs[0].lost, timeout=TIMEOUT)
+    assert recs[0].sequence() == ["made", "data", "lost:None"]

@@ -1,0 +1,1001 @@
+"""A thin, batch-shaped Python layer over io_uring (the compiled ``_liburing`` module).
+
+:class:`Ring` owns one io_uring instance.  Operations are *queued* in Python
+as fixed-size records (see :data:`RECORD`) and nothing reaches the kernel
+until :meth:`Ring.enter`, which in **one** C call turns every queued record
+into an SQE, submits, waits, and copies every available completion into a
+flat buffer of :data:`CQE` records::
+
+    ring = Ring()
+    ring.poll_add(sock.fileno(), POLLIN, user_data=(gen << 32) | fd)
+    for user_data, res, flags in CQE.iter_unpack(ring.enter(1, 50_000_000)):
+        ...
+
+``user_data`` is the caller's 64-bit tag (values from :data:`USER_DATA_MAX`
+up are reserved).  Putting a generation number in it, e.g.
+``(generation << 32) | fd``, lets a caller drop completions that arrive for
+a registration it has since replaced.
+
+A multishot operation (poll, accept, recv) keeps reporting with ``F_MORE``
+set; a completion without ``F_MORE`` is its last one (cancelled, failed,
+out of buffers, or ended by the kernel, e.g. when the completion queue
+overflowed), so a caller that still wants it queues it again.
+
+The wait never ends early on its own: before the timeout, :meth:`Ring.enter`
+returns no completions only after a :meth:`Ring.wake` call.  Signals are
+handled as in PEP 475: handlers run, and if none raises the wait resumes for
+the time left.
+
+A ring is not thread-safe, except :meth:`Ring.wake`.  Where the kernel takes
+``IORING_SETUP_SINGLE_ISSUER``, the ring is bound to the first thread that
+calls :meth:`Ring.enter`.  After ``fork()`` the child must not use the
+parent's ring: every method raises :class:`~iomux.errors.ForkedError` there,
+and :meth:`Ring.close` in the child only drops the child's copies.
+
+:func:`probe` tells whether io_uring works here, and if not why, in words a
+user can act on.  The environment variable ``IOMUX_URING_FORCE_FAIL``
+(``ENOSYS``, ``EPERM``, ``disabled``, ``nobuild`` or ``flags``) makes ring
+creation behave as if that failure happened, for tests.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import mmap
+import os
+import select
+import socket
+import struct
+import threading
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+from iomux.errors import ForkedError, MultiplexerClosed
+
+__all__ = [
+    "BUFFER_SHIFT",
+    "BUILD_ERROR",
+    "CQE",
+    "CQE_SIZE",
+    "F_BUFFER",
+    "F_MORE",
+    "F_SOCK_NONEMPTY",
+    "NOBUILD_REASON",
+    "OP_ACCEPT",
+    "OP_ACCEPT_MULTISHOT",
+    "OP_CANCEL",
+    "OP_CANCEL_FD",
+    "OP_CLOSE",
+    "OP_NOP",
+    "OP_POLL_ADD",
+    "OP_POLL_MULTISHOT",
+    "OP_POLL_REMOVE",
+    "OP_POLL_UPDATE",
+    "OP_RECV",
+    "OP_RECV_MULTISHOT",
+    "OP_SEND",
+    "POLLERR",
+    "POLLHUP",
+    "POLLIN",
+    "POLLNVAL",
+    "POLLOUT",
+    "POLLPRI",
+    "POLLRDHUP",
+    "RECORD",
+    "RECORD_SIZE",
+    "USER_DATA_MAX",
+    "BufferGroup",
+    "Ring",
+    "RingSetupError",
+    "describe",
+    "probe",
+    "versions",
+]
+
+_lib: Any
+_ffi: Any
+BUILD_ERROR: str | None
+try:
+    _mod: Any = importlib.import_module("iomux.drivers._liburing")
+except ImportError as _exc:
+    _lib = _ffi = None
+    BUILD_ERROR = f"{type(_exc).__name__}: {_exc}"
+else:
+    _lib, _ffi = _mod.lib, _mod.ffi
+    BUILD_ERROR = None
+
+
+def _const(name: str, default: int) -> int:
+    return int(getattr(_lib, name)) if _lib is not None else default
+
+
+# --- the record formats ---------------------------------------------------
+
+#: One queued operation (40 bytes): op, sqe_flags, buf_group, fd, arg, arg2,
+#: user_data, addr, addr2.  See ``struct iomux_op`` in ``_uring_helper.c``.
+RECORD = struct.Struct("=BBHiIIQQQ")
+RECORD_SIZE = RECORD.size
+_pack_into = RECORD.pack_into
+#: One completion as returned by :meth:`Ring.enter` (16 bytes): user_data, res, flags.
+CQE = struct.Struct("=QiI")
+CQE_SIZE = CQE.size
+
+OP_NOP = _const("IOMUX_OP_NOP", 0)
+OP_POLL_ADD = _const("IOMUX_OP_POLL_ADD", 1)
+OP_POLL_MULTISHOT = _const("IOMUX_OP_POLL_MULTISHOT", 2)
+OP_POLL_UPDATE = _const("IOMUX_OP_POLL_UPDATE", 3)
+OP_POLL_REMOVE = _const("IOMUX_OP_POLL_REMOVE", 4)
+OP_CANCEL = _const("IOMUX_OP_CANCEL", 5)
+OP_CANCEL_FD = _const("IOMUX_OP_CANCEL_FD", 6)
+OP_ACCEPT = _const("IOMUX_OP_ACCEPT", 7)
+OP_ACCEPT_MULTISHOT = _const("IOMUX_OP_ACCEPT_MULTISHOT", 8)
+OP_RECV = _const("IOMUX_OP_RECV", 9)
+OP_RECV_MULTISHOT = _const("IOMUX_OP_RECV_MULTISHOT", 10)
+OP_SEND = _const("IOMUX_OP_SEND", 11)
+OP_CLOSE = _const("IOMUX_OP_CLOSE", 12)
+
+#: Largest user_data a caller may use; larger values are the layer's own.
+USER_DATA_MAX = _const("IOMUX_UD_RESERVED", 0xFFFFFFFFFFFFFF00) - 1
+
+# --- kernel constants -----------------------------------------------------
+
+F_BUFFER = _const("IORING_CQE_F_BUFFER", 1)
+F_MORE = _const("IORING_CQE_F_MORE", 2)
+F_SOCK_NONEMPTY = _const("IORING_CQE_F_SOCK_NONEMPTY", 4)
+BUFFER_SHIFT = _const("IORING_CQE_BUFFER_SHIFT", 16)
+POLLIN = _const("POLLIN", select.POLLIN)
+POLLPRI = _const("POLLPRI", select.POLLPRI)
+POLLOUT = _const("POLLOUT", select.POLLOUT)
+POLLERR = _const("POLLERR", select.POLLERR)
+POLLHUP = _const("POLLHUP", select.POLLHUP)
+POLLNVAL = _const("POLLNVAL", select.POLLNVAL)
+POLLRDHUP = _const("POLLRDHUP", 0x2000)
+
+_POLL_ADD_MULTI = _const("IORING_POLL_ADD_MULTI", 1)
+_POLL_UPDATE_EVENTS = _const("IORING_POLL_UPDATE_EVENTS", 2)
+_POLL_UPDATE_USER_DATA = _const("IORING_POLL_UPDATE_USER_DATA", 4)
+_CANCEL_ALL = _const("IORING_ASYNC_CANCEL_ALL", 1)
+_SKIP_SUCCESS = _const("IOSQE_CQE_SKIP_SUCCESS", 64)
+_ST_WOKEN = _const("IOMUX_ST_WOKEN", 1)
+_ST_TIMED_OUT = _const("IOMUX_ST_TIMED_OUT", 2)
+_ST_MORE = _const("IOMUX_ST_MORE", 4)
+
+_SETUP_FLAG_NAMES = (
+    "SUBMIT_ALL",
+    "SINGLE_ISSUER",
+    "DEFER_TASKRUN",
+    "COOP_TASKRUN",
+    "TASKRUN_FLAG",
+    "CQSIZE",
+    "CLAMP",
+    "R_DISABLED",
+)
+_FEATURE_NAMES = ("NODROP", "EXT_ARG", "FAST_POLL", "CQE_SKIP", "NATIVE_WORKERS")
+_PROBED_OPS = ("POLL_ADD", "POLL_REMOVE", "ASYNC_CANCEL", "ACCEPT", "SEND", "RECV", "CLOSE")
+
+_FORCE_ENV = "IOMUX_URING_FORCE_FAIL"
+_FORCE_VALUES = ("ENOSYS", "EPERM", "disabled", "nobuild", "flags")
+_SYSCTL = "/proc/sys/kernel/io_uring_disabled"
+_SYSCTL_GROUP = "/proc/sys/kernel/io_uring_group"
+
+NOBUILD_REASON = (
+    "iomux was installed without liburing's headers (liburing 2.3 or newer); "
+    "install them (Debian/Ubuntu: apt-get install liburing-dev) and reinstall iomux"
+)
+
+ReadableBuffer = bytes | bytearray | memoryview
+_EMPTY = memoryview(b"")
+
+
+class RingSetupError(OSError):
+    """io_uring could not be set up here; :attr:`reason` says why, for a user."""
+
+    def __init__(self, err: int, reason: str) -> None:
+        super().__init__(err, reason)
+        self.reason = reason
+
+
+# --- diagnosis -------------------------------------------------------------
+
+
+def _forced() -> str | None:
+    value = os.environ.get(_FORCE_ENV) or None
+    if value is not None and value not in _FORCE_VALUES:
+        raise ValueError(
+            f"{_FORCE_ENV}={value!r} is not one of {', '.join(_FORCE_VALUES)} (or empty)"
+        )
+    return value
+
+
+def _kernel_version() -> tuple[int, int]:
+    release = os.uname().release
+    parts = release.split("-", 1)[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def _read_sysctl(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _reason(err: int, forced: str | None) -> str:
+    """Explain a failed io_uring_setup in words a user can act on."""
+    release = os.uname().release
+    if err == errno.ENOSYS:
+        # The sysctl exists on kernels built with io_uring (6.6+); without it
+        # both causes remain possible.  The forced failure plays a kernel
+        # without io_uring.
+        if forced == "ENOSYS" or not os.path.exists(_SYSCTL):
+            return (
+                f"io_uring_setup failed with ENOSYS: this kernel ({release}) lacks io_uring "
+                "(it needs Linux 5.19 or newer built with CONFIG_IO_URING=y), or a seccomp "
+                "profile blocks the io_uring system calls"
+            )
+        return (
+            f"io_uring_setup failed with ENOSYS although this kernel ({release}) has io_uring: "
+            "the system calls are most likely blocked by a seccomp profile (Docker's and "
+            "containerd's default profiles block them); run with a profile that allows "
+            "io_uring_setup, io_uring_enter and io_uring_register, or use another backend"
+        )
+    if err == errno.EPERM:
+        value = "2" if forced == "disabled" else _read_sysctl(_SYSCTL)
+        if value == "2":
+            return (
+                "io_uring is disabled by the sysctl kernel.io_uring_disabled = 2; "
+                "enable it with `sysctl -w kernel.io_uring_disabled=0` (as root), "
+                "or use another backend"
+            )
+        if value == "1":
+            group = _read_sysctl(_SYSCTL_GROUP) or "-1"
+            return (
+                "io_uring is restricted by the sysctl kernel.io_uring_disabled = 1 to "
+                f"privileged processes and members of kernel.io_uring_group (gid {group}); "
+                "add this user to that group, or enable io_uring for everyone with "
+                "`sysctl -w kernel.io_uring_disabled=0`"
+            )
+        return (
+            "io_uring_setup failed with EPERM although kernel.io_uring_disabled is "
+            f"{value if value is not None else 'absent'}: the system calls are most likely "
+            "blocked by a seccomp profile (e.g. a container runtime's default profile); run "
+            "with a profile that allows io_uring_setup, io_uring_enter and "
+            "io_uring_register, or use another backend"
+        )
+    if err == errno.ENOMEM:
+        return (
+            "io_uring_setup failed with ENOMEM: kernels before 5.12 charge rings to the "
+            "locked-memory limit; raise it (ulimit -l) or use another backend"
+        )
+    if err in (errno.EMFILE, errno.ENFILE):
+        return f"io_uring_setup failed: {os.strerror(err)} (raise the open-file limit)"
+    return f"io_uring_setup failed with {errno.errorcode.get(err, err)}: {os.strerror(err)}"
+
+
+def versions() -> dict[str, str]:
+    """Kernel release and liburing version (from the build-time header)."""
+    liburing = "not built" if _lib is None else _ffi.string(_lib.iomux_liburing_version()).decode()
+    return {"kernel": os.uname().release, "liburing": liburing}
+
+
+def probe() -> str | None:
+    """Return None when io_uring works here, else the reason it does not, for a user."""
+    try:
+        ring = Ring(entries=4, cq_entries=8)
+    except RingSetupError as exc:
+        return exc.reason
+    except ValueError as exc:
+        return str(exc)
+    try:
+        ring.nop(1)
+        seen = [ud for ud, _, _ in CQE.iter_unpack(ring.enter(1, 1_000_000_000))]
+        if seen != [1]:
+            return "io_uring rings can be created here, but a NOP did not complete"
+    except OSError as exc:
+        return f"io_uring rings can be created here, but entering one fails: {exc}"
+    finally:
+        ring.close()
+    return None
+
+
+def describe() -> dict[str, object]:
+    """What ``iomux info`` shows: availability, reason, versions, flags that won."""
+    reason = probe()
+    out: dict[str, object] = {"available": reason is None, "reason": reason, **versions()}
+    if reason is None:
+        with Ring() as ring:  # default sizes: what a driver would get
+            out.update(ring.info())
+    return out
+
+
+# --- the ring -------------------------------------------------------------
+
+_live: weakref.WeakSet[Ring] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for ring in list(_live):
+        ring._forked = True
+        ring._usable = False
+        ring._wake_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _setup_candidates(single_issuer: bool) -> list[int]:
+    """Setup flag sets to try, richest first; only flags the header knows."""
+    lib = _lib
+    sizing = lib.IOMUX_SETUP_CQSIZE | lib.IOMUX_SETUP_CLAMP
+    out = []
+    if single_issuer and lib.IOMUX_SETUP_SINGLE_ISSUER and lib.IOMUX_SETUP_DEFER_TASKRUN:
+        out.append(
+            lib.IOMUX_SETUP_SUBMIT_ALL
+            | lib.IOMUX_SETUP_SINGLE_ISSUER
+            | lib.IOMUX_SETUP_DEFER_TASKRUN
+            | lib.IOMUX_SETUP_TASKRUN_FLAG
+            | lib.IOMUX_SETUP_R_DISABLED
+            | sizing
+        )
+    if lib.IOMUX_SETUP_COOP_TASKRUN:
+        out.append(
+            lib.IOMUX_SETUP_SUBMIT_ALL
+            | lib.IOMUX_SETUP_COOP_TASKRUN
+            | lib.IOMUX_SETUP_TASKRUN_FLAG
+            | sizing
+        )
+    out += [sizing, 0]
+    return [int(f) for f in out]
+
+
+def _flag_names(flags: int) -> tuple[str, ...]:
+    return tuple(n for n in _SETUP_FLAG_NAMES if flags & int(getattr(_lib, "IOMUX_SETUP_" + n)))
+
+
+class Ring:
+    """One io_uring instance with batched submission and bulk completion copy-out.
+
+    ``entries`` sizes the submission queue (a full queue is submitted, never
+    dropped), ``cq_entries`` the completion queue, ``capacity`` the number of
+    completions one :meth:`enter` can return (the rest come with the next
+    call).  ``single_issuer`` lets the ring use ``IORING_SETUP_SINGLE_ISSUER``
+    and ``DEFER_TASKRUN``, which bind it to the first thread that enters it.
+    """
+
+    def __init__(
+        self,
+        entries: int = 256,
+        *,
+        cq_entries: int = 4096,
+        capacity: int = 1024,
+        single_issuer: bool = True,
+    ) -> None:
+        self._r: Any = None
+        self._usable = False
+        self._forked = False
+        self._wake_fd = -1
+        self._wake_lock = threading.Lock()
+        self._pid = os.getpid()
+        if not (0 < entries <= 32768 and 0 < cq_entries <= 65536 and capacity > 0):
+            raise ValueError(
+                "entries must be in 1..32768, cq_entries in 1..65536, capacity positive"
+            )
+        forced = _forced()
+        if forced == "nobuild" or _lib is None:
+            detail = "" if forced == "nobuild" else f" ({BUILD_ERROR})"
+            raise RingSetupError(errno.ENOPKG, NOBUILD_REASON + detail)
+        if forced in ("ENOSYS", "EPERM", "disabled"):
+            err = errno.ENOSYS if forced == "ENOSYS" else errno.EPERM
+            raise RingSetupError(err, _reason(err, forced))
+
+        lib, ffi = _lib, _ffi
+        self._lib = lib
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        errp = ffi.new("int *")
+        #: (flag names, errno name or "ok") for each setup attempt, in order.
+        self.setup_attempts: list[tuple[tuple[str, ...], str]] = []
+        plain = int(lib.IOMUX_SETUP_CQSIZE | lib.IOMUX_SETUP_CLAMP)
+        for flags in _setup_candidates(single_issuer):
+            if forced == "flags" and flags & ~plain:
+                self.setup_attempts.append((_flag_names(flags), "EINVAL (forced)"))
+                continue
+            r = lib.iomux_ring_new(entries, cq_entries, flags, self._wake_fd, errp)
+            if r != ffi.NULL:
+                self.setup_attempts.append((_flag_names(flags), "ok"))
+                break
+            err = errp[0]
+            self.setup_attempts.append((_flag_names(flags), errno.errorcode.get(err, str(err))))
+            if err != errno.EINVAL:
+                os.close(self._wake_fd)
+                self._wake_fd = -1
+                raise RingSetupError(err, _reason(err, forced))
+        else:
+            os.close(self._wake_fd)
+            self._wake_fd = -1
+            raise RingSetupError(
+                errno.EINVAL,
+                "io_uring_setup rejected every flag combination tried; this kernel is "
+                "probably too old (iomux needs Linux 5.19 or newer)",
+            )
+        self._r = r
+        self._usable = True
+        #: The setup flags the kernel accepted, and their names.
+        self.setup_flags = flags
+        self.setup_flag_names = _flag_names(flags)
+        #: IORING_FEAT_* bits the kernel reported.
+        self.features = int(lib.iomux_ring_features(r))
+        self.sq_entries = int(lib.iomux_ring_sq_entries(r))
+        self.cq_entries = int(lib.iomux_ring_cq_entries(r))
+        self.capacity = capacity
+
+        self._opcap = max(64, self.sq_entries)
+        self._ops = ffi.new("char[]", self._opcap * RECORD_SIZE)
+        self._opsbuf = memoryview(ffi.buffer(self._ops))
+        self._nops = 0
+        self._out = ffi.new("char[]", capacity * CQE_SIZE)
+        self._outview = memoryview(ffi.buffer(self._out))
+        self._status = ffi.new("int64_t[4]")
+        self._c_enter = lib.iomux_enter
+        self._sends: dict[int, tuple[object, Any]] = {}
+        self._groups: dict[int, BufferGroup] = {}
+        self._dirty: list[BufferGroup] = []
+        self._retired: list[object] = []
+        _live.add(self)
+
+    # --- state -----------------------------------------------------------
+
+    def _unusable(self) -> Exception:
+        if self._forked:
+            return ForkedError("io_uring", self._pid, os.getpid())
+        return MultiplexerClosed("this io_uring ring is closed")
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (in this process)."""
+        return self._r is None
+
+    @property
+    def pid(self) -> int:
+        """The process that created the ring, the only one that may use it."""
+        return self._pid
+
+    def fileno(self) -> int:
+        """The ring's file descriptor (for information: never poll or close it)."""
+        if not self._usable:
+            raise self._unusable()
+        return int(self._lib.iomux_ring_fd(self._r))
+
+    @property
+    def pending(self) -> int:
+        """Records queued in Python and not yet handed to the kernel."""
+        return self._nops
+
+    @property
+    def woken(self) -> bool:
+        """The last :meth:`enter` consumed a :meth:`wake`."""
+        return bool(self._status[0] & _ST_WOKEN)
+
+    @property
+    def timed_out(self) -> bool:
+        """The last :meth:`enter` waited until its timeout without a completion."""
+        return bool(self._status[0] & _ST_TIMED_OUT)
+
+    @property
+    def more(self) -> bool:
+        """The last :meth:`enter` filled its buffer and more completions are ready."""
+        return bool(self._status[0] & _ST_MORE)
+
+    def info(self) -> dict[str, object]:
+        """Versions, setup flags that won, kernel features and supported operations."""
+        if not self._usable:
+            raise self._unusable()
+        lib, ffi = self._lib, _ffi
+        supported = ffi.new("unsigned char[256]")
+        n = lib.iomux_ring_probe(self._r, supported, 256)
+        ops = {
+            name: bool(n > 0 and supported[getattr(lib, "IORING_OP_" + name)])
+            for name in _PROBED_OPS
+        }
+        kver = _kernel_version()
+        return {
+            **versions(),
+            "setup_flags": list(self.setup_flag_names),
+            "setup_attempts": [(list(f), r) for f, r in self.setup_attempts],
+            "features": [
+                n for n in _FEATURE_NAMES if self.features & int(getattr(lib, "IORING_FEAT_" + n))
+            ],
+            "sq_entries": self.sq_entries,
+            "cq_entries": self.cq_entries,
+            "ops": ops,
+            "multishot_poll": kver >= (5, 13),
+            "multishot_accept": kver >= (5, 19),
+            "multishot_recv": kver >= (6, 0),
+            "cancel_fd": kver >= (5, 19),
+            "buffer_ring": kver >= (5, 19),
+        }
+
+    # --- queueing (nothing reaches the kernel before enter()) -------------
+
+    def _push(
+        self,
+        op: int,
+        sqe_flags: int,
+        group: int,
+        fd: int,
+        arg: int,
+        arg2: int,
+        user_data: int,
+        addr: int = 0,
+        addr2: int = 0,
+    ) -> None:
+        n = self._nops
+        if n == self._opcap or not self._usable or user_data > USER_DATA_MAX:
+            self._make_room(user_data)
+        try:
+            _pack_into(
+                self._opsbuf,
+                n * RECORD_SIZE,
+                op,
+                sqe_flags,
+                group,
+                fd,
+                arg,
+                arg2,
+                user_data,
+                addr,
+                addr2,
+            )
+        except struct.error as exc:
+            raise ValueError(f"operation argument out of range: {exc}") from None
+        self._nops = n + 1
+
+    def _make_room(self, user_data: int) -> None:
+        """The slow path of queueing: errors, or a full record buffer."""
+        if not self._usable:
+            raise self._unusable()
+        if user_data > USER_DATA_MAX:
+            raise ValueError(f"user_data {user_data:#x} is above USER_DATA_MAX (reserved)")
+        if self._nops == self._opcap:
+            self._grow(self._nops + 1)
+
+    def _grow(self, need: int) -> None:
+        cap = self._opcap
+        while cap < need:
+            cap *= 2
+        ops = _ffi.new("char[]", cap * RECORD_SIZE)
+        _ffi.memmove(ops, self._ops, self._nops * RECORD_SIZE)
+        self._ops, self._opsbuf, self._opcap = ops, memoryview(_ffi.buffer(ops)), cap
+
+    def queue(self, records: ReadableBuffer) -> None:
+        """Queue raw :data:`RECORD`-packed operations (a multiple of 40 bytes).
+
+        The caller keeps any memory a SEND record points to alive until its
+        completion; :meth:`send` does that by itself.
+        """
+        if not self._usable:
+            raise self._unusable()
+        data = memoryview(records).cast("B")
+        if len(data) % RECORD_SIZE:
+            raise ValueError(f"records must be a multiple of {RECORD_SIZE} bytes")
+        count = len(data) // RECORD_SIZE
+        if self._nops + count > self._opcap:
+            self._grow(self._nops + count)
+        start = self._nops * RECORD_SIZE
+        self._opsbuf[start : start + len(data)] = data
+        self._nops += count
+
+    def nop(self, user_data: int, *, skip_success: bool = False) -> None:
+        """Queue a no-op; it completes with res 0."""
+        self._push(OP_NOP, _SKIP_SUCCESS if skip_success else 0, 0, -1, 0, 0, user_data)
+
+    def poll_add(self, fd: int, mask: int, user_data: int) -> None:
+        """Queue a one-shot poll: one completion (res = ready mask) when ``fd`` is ready."""
+        # _push() inlined: this is the per-event call of level-triggered use.
+        n = self._nops
+        if n == self._opcap or not self._usable or user_data > USER_DATA_MAX:
+            self._make_room(user_data)
+        try:
+            _pack_into(self._opsbuf, n * 40, OP_POLL_ADD, 0, 0, fd, mask, 0, user_data, 0, 0)
+        except struct.error as exc:
+            raise ValueError(f"operation argument out of range: {exc}") from None
+        self._nops = n + 1
+
+    def poll_multishot(self, fd: int, mask: int, user_data: int) -> None:
+        """Queue a multishot poll: a completion (with F_MORE) per new readiness (edge-like)."""
+        self._push(OP_POLL_MULTISHOT, 0, 0, fd, mask, 0, user_data)
+
+    def poll_update(
+        self,
+        old_user_data: int,
+        new_user_data: int,
+        mask: int,
+        user_data: int,
+        *,
+        multishot: bool = True,
+        skip_success: bool = False,
+    ) -> None:
+        """Queue a change of a live poll's mask and user_data.
+
+        Keep ``multishot`` true for a multishot poll: older kernels replace
+        the whole mask and silently turn the poll one-shot unless the update
+        repeats ``IORING_POLL_ADD_MULTI`` (newer ones keep the poll's kind
+        whatever it says, so to change the kind, remove and add).  A poll
+        whose fd is still ready reports again right after the update.  The
+        update's own completion (``user_data``) has res 0, or -ENOENT when the
+        poll is gone (e.g. a one-shot poll that already fired).
+        """
+        flags = _POLL_UPDATE_EVENTS | _POLL_UPDATE_USER_DATA | (_POLL_ADD_MULTI if multishot else 0)
+        self._push(
+            OP_POLL_UPDATE,
+            _SKIP_SUCCESS if skip_success else 0,
+            0,
+            -1,
+            mask,
+            flags,
+            user_data,
+            old_user_data,
+            new_user_data,
+        )
+
+    def poll_remove(
+        self, target_user_data: int, user_data: int, *, skip_success: bool = False
+    ) -> None:
+        """Queue removal of the poll tagged ``target_user_data`` (it completes with -ECANCELED)."""
+        self._push(
+            OP_POLL_REMOVE,
+            _SKIP_SUCCESS if skip_success else 0,
+            0,
+            -1,
+            0,
+            0,
+            user_data,
+            target_user_data,
+        )
+
+    def cancel(
+        self,
+        target_user_data: int,
+        user_data: int,
+        *,
+        match_all: bool = False,
+        skip_success: bool = False,
+    ) -> None:
+        """Queue cancellation of the operation(s) tagged ``target_user_data``.
+
+        Each cancelled operation completes with -ECANCELED; the cancel itself
+        completes with 0, or -ENOENT if nothing matched (with ``match_all``:
+        the number cancelled, 0 for none).
+        """
+        self._push(
+            OP_CANCEL,
+            _SKIP_SUCCESS if skip_success else 0,
+            0,
+            -1,
+            _CANCEL_ALL if match_all else 0,
+            0,
+            user_data,
+            target_user_data,
+        )
+
+    def cancel_fd(self, fd: int, user_data: int, *, skip_success: bool = False) -> None:
+        """Queue cancellation of every operation on ``fd`` (kernel 5.19+).
+
+        Call it before closing an fd: closing does not cancel ring operations.
+        The cancel completes with the number cancelled (0 for none).
+        """
+        self._push(
+            OP_CANCEL_FD, _SKIP_SUCCESS if skip_success else 0, 0, fd, _CANCEL_ALL, 0, user_data
+        )
+
+    def accept(
+        self,
+        fd: int,
+        user_data: int,
+        *,
+        multishot: bool = True,
+        flags: int = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+    ) -> None:
+        """Queue an accept on listening socket ``fd``; res is the new connection's fd.
+
+        Multishot (kernel 5.19+) completes once per connection with F_MORE
+        until it ends (no F_MORE, e.g. on error); then queue it again.
+        """
+        self._push(OP_ACCEPT_MULTISHOT if multishot else OP_ACCEPT, 0, 0, fd, flags, 0, user_data)
+
+    def recv(
+        self,
+        fd: int,
+        group: BufferGroup | int,
+        user_data: int,
+        *,
+        multishot: bool = True,
+        flags: int = 0,
+    ) -> None:
+        """Queue a receive into a buffer picked by the kernel from ``group``.
+
+        Each completion has res = bytes received (0 = end of stream) and, when
+        res > 0, F_BUFFER with the buffer id in ``flags >> BUFFER_SHIFT``: read
+        it with :meth:`BufferGroup.take` / :meth:`BufferGroup.view`, then give
+        it back.  A multishot receive (kernel 6.0+) ends with -ENOBUFS and no
+        F_MORE when the group runs out of buffers: recycle, then queue the
+        receive again.
+        """
+        gid = group.group_id if isinstance(group, BufferGroup) else group
+        self._push(OP_RECV_MULTISHOT if multishot else OP_RECV, 0, gid, fd, flags, 0, user_data)
+
+    def send(
+        self, fd: int, data: ReadableBuffer, user_data: int, *, flags: int = socket.MSG_NOSIGNAL
+    ) -> None:
+        """Queue a send of ``data``; res is the number of bytes sent (maybe fewer).
+
+        The ring keeps ``data`` alive until :meth:`send_done` is called with
+        the same ``user_data`` (which must be unique among sends in flight);
+        call it on the send's completion.  Sends larger than 1 GiB are
+        truncated to 1 GiB, like a short write.
+        """
+        if user_data in self._sends:
+            raise ValueError(f"a send tagged {user_data:#x} is still in flight")
+        cdata = _ffi.from_buffer(data)
+        addr = int(_ffi.cast("uintptr_t", cdata))
+        self._push(OP_SEND, 0, 0, fd, flags, min(len(cdata), 1 << 30), user_data, addr)
+        self._sends[user_data] = (data, cdata)
+
+    def send_done(self, user_data: int) -> Any:
+        """Release and return the buffer of the completed send tagged ``user_data``.
+
+        After a short send (res < length) queue ``memoryview(buf)[res:]`` again.
+        """
+        data, cdata = self._sends.pop(user_data)
+        _ffi.release(cdata)
+        return data
+
+    def close_fd(self, fd: int, user_data: int, *, skip_success: bool = False) -> None:
+        """Queue a close of ``fd`` by the kernel (cancel its operations first)."""
+        self._push(OP_CLOSE, _SKIP_SUCCESS if skip_success else 0, 0, fd, 0, 0, user_data)
+
+    # --- entering the kernel -------------------------------------------
+
+    def enter(self, min_complete: int = 1, timeout_ns: int = -1) -> memoryview:
+        """Submit everything queued, wait, and return the completions as packed :data:`CQE`\\ s.
+
+        Waits until ``min_complete`` (0 or 1) completions are ready, at most
+        ``timeout_ns`` nanoseconds (-1: no limit, 0: do not wait).  Returns a
+        view of ``16 * n`` bytes (decode with ``CQE.iter_unpack``) that stays
+        valid until the next call.  An empty view means the timeout expired
+        (:attr:`timed_out`) or :meth:`wake` was called (:attr:`woken`).
+        """
+        if not self._usable:
+            raise self._unusable()
+        if self._dirty:
+            self._flush_groups()
+        status = self._status
+        while True:
+            nops = self._nops
+            status[1] = 0
+            try:
+                n = self._c_enter(
+                    self._r,
+                    self._ops,
+                    nops,
+                    self._out,
+                    self.capacity,
+                    min_complete,
+                    timeout_ns,
+                    status,
+                )
+            finally:
+                # A signal handler may raise as soon as the call returns: the
+                # count of records the kernel took lives in C memory, so the
+                # queue is trimmed even then, and nothing is submitted twice.
+                if nops and status[1]:
+                    self._consumed(nops, int(status[1]))
+            if n > 0:
+                return self._outview[: n * CQE_SIZE]
+            if n == 0:
+                return _EMPTY
+            if n == -errno.EINTR:
+                # PEP 475: pending signal handlers run here (and may raise);
+                # then wait again for the time that is left.
+                if timeout_ns > 0:
+                    timeout_ns = int(status[2])
+                continue
+            self._fail(-n, int(status[2]))
+
+    def completions(
+        self, min_complete: int = 1, timeout_ns: int = -1
+    ) -> list[tuple[int, int, int]]:
+        """Like :meth:`enter`, decoded: a list of ``(user_data, res, flags)``."""
+        return list(CQE.iter_unpack(self.enter(min_complete, timeout_ns)))
+
+    def _consumed(self, nops: int, done: int) -> None:
+        if done >= nops:
+            self._nops = 0
+            return
+        rest = bytes(self._opsbuf[done * RECORD_SIZE : nops * RECORD_SIZE])
+        self._opsbuf[: len(rest)] = rest
+        self._nops = nops - done
+
+    def _fail(self, err: int, index: int) -> None:
+        if err == errno.EINVAL and 0 <= index < self._nops:
+            bad = RECORD.unpack_from(self._opsbuf, index * RECORD_SIZE)
+            rest = bytes(self._opsbuf[(index + 1) * RECORD_SIZE : self._nops * RECORD_SIZE])
+            self._opsbuf[index * RECORD_SIZE : index * RECORD_SIZE + len(rest)] = rest
+            self._nops -= 1
+            raise ValueError(f"malformed operation record dropped (op, ..., user_data...): {bad}")
+        if err == errno.EEXIST:
+            raise RuntimeError(
+                "this io_uring ring uses IORING_SETUP_SINGLE_ISSUER and belongs to the thread "
+                "that first entered it; use it from that thread only (or create the ring "
+                "with single_issuer=False)"
+            )
+        raise OSError(err, os.strerror(err))
+
+    def wake(self) -> None:
+        """Make a wait in :meth:`enter` return at once; callable from any thread."""
+        if self._forked:
+            raise self._unusable()
+        with self._wake_lock:
+            if self._wake_fd >= 0:
+                try:
+                    os.eventfd_write(self._wake_fd, 1)
+                except BlockingIOError:
+                    pass  # the counter is saturated: a wake-up is pending anyway
+
+    # --- provided buffers -------------------------------------------------
+
+    def buffer_group(self, group_id: int, count: int, size: int) -> BufferGroup:
+        """Register a ring of ``count`` (a power of two) buffers of ``size`` bytes."""
+        if not self._usable:
+            raise self._unusable()
+        if group_id in self._groups:
+            raise ValueError(f"buffer group {group_id} is already registered")
+        group = BufferGroup(self, group_id, count, size)
+        self._groups[group_id] = group
+        return group
+
+    def _flush_groups(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for group in dirty:
+            group.flush()
+
+    # --- teardown -----------------------------------------------------------
+
+    def close(self) -> None:
+        """Cancel everything in flight, wait for the kernel to confirm, free the ring.
+
+        Idempotent.  In a forked child it only releases the child's copies and
+        leaves the parent's operations alone.
+        """
+        r = self._r
+        if r is None:
+            return
+        self._r = None
+        self._usable = False
+        _live.discard(self)
+        lib = self._lib
+        with self._wake_lock:
+            lib.iomux_ring_close(r, 0 if self._forked else 1)
+            for group in self._groups.values():
+                group._release(ring_alive=False)
+            os.close(self._wake_fd)
+            self._wake_fd = -1
+        for _, cdata in self._sends.values():
+            _ffi.release(cdata)
+        self._sends.clear()
+        self._groups.clear()
+        self._dirty.clear()
+        self._retired.clear()
+        self._nops = 0
+
+    def __enter__(self) -> Ring:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # nothing useful to do while being collected
+            pass
+
+
+class BufferGroup:
+    """A provided-buffer ring: ``count`` buffers of ``size`` bytes the kernel fills.
+
+    Created by :meth:`Ring.buffer_group`.  A receive completion names the
+    buffer it used (``flags >> BUFFER_SHIFT``); read it, then hand it back with
+    :meth:`release` (batched into the next :meth:`Ring.enter`) or
+    :meth:`recycle` (at once).  Give every buffer back exactly once.
+    """
+
+    def __init__(self, ring: Ring, group_id: int, count: int, size: int) -> None:
+        if count < 1 or count > 32768 or count & (count - 1):
+            raise ValueError("count must be a power of two, at most 32768")
+        if not 0 <= group_id <= 0xFFFF or size < 1:
+            raise ValueError("group_id must be in 0..65535 and size positive")
+        self._ring = ring
+        self.group_id = group_id
+        self.count = count
+        self.size = size
+        # Python owns the memory: views handed out keep it alive.  Private so
+        # that a forked child does not share the parent's receive buffers.
+        self._mem = mmap.mmap(-1, count * size, flags=mmap.MAP_PRIVATE)
+        self._view = memoryview(self._mem)
+        self._cdata = _ffi.from_buffer(self._mem, require_writable=True)
+        errp = _ffi.new("int *")
+        b = _lib.iomux_bufs_new(ring._r, group_id, count, size, self._cdata, errp)
+        if b == _ffi.NULL:
+            err = errp[0]
+            raise OSError(err, f"registering buffer group {group_id}: {os.strerror(err)}")
+        self._b: Any = b
+        self._pending = _ffi.new("uint16_t[]", count)
+        self._npending = 0
+
+    def view(self, bid: int, length: int) -> memoryview:
+        """Zero-copy view of ``length`` bytes of buffer ``bid``, valid until it is given back."""
+        start = bid * self.size
+        return self._view[start : start + length]
+
+    def take(self, bid: int, length: int) -> bytes:
+        """Copy out the first ``length`` bytes of buffer ``bid`` and :meth:`release` it."""
+        start = bid * self.size
+        data = bytes(self._view[start : start + length])
+        self.release(bid)
+        return data
+
+    def release(self, bid: int) -> None:
+        """Give buffer ``bid`` back at the next :meth:`Ring.enter` (batched, one C call)."""
+        if self._b is None:
+            raise MultiplexerClosed("this buffer group is closed")
+        if not 0 <= bid < self.count:
+            raise ValueError(f"buffer id {bid} is not in 0..{self.count - 1}")
+        n = self._npending
+        if n == self.count:
+            raise RuntimeError("more buffers released than the group holds (released twice?)")
+        self._pending[n] = bid
+        self._npending = n + 1
+        if n == 0:
+            self._ring._dirty.append(self)
+
+    def flush(self) -> None:
+        """Give every buffer passed to :meth:`release` back to the kernel now."""
+        n = self._npending
+        if n and self._b is not None:
+            self._npending = 0
+            _lib.iomux_bufs_recycle(self._b, self._pending, n)
+
+    def recycle(self, bids: Iterable[int]) -> None:
+        """Give the buffers ``bids`` back to the kernel now, in one call."""
+        if self._b is None:
+            raise MultiplexerClosed("this buffer group is closed")
+        ids = list(bids)
+        if any(not 0 <= b < self.count for b in ids):
+            raise ValueError(f"buffer ids must be in 0..{self.count - 1}")
+        if ids:
+            _lib.iomux_bufs_recycle(self._b, _ffi.new("uint16_t[]", ids), len(ids))
+
+    def close(self) -> None:
+        """Unregister the group.  Receives still queued on it then fail with -ENOBUFS."""
+        ring = self._ring
+        if self._b is None:
+            return
+        if not ring._usable:
+            raise ring._unusable()
+        self._release(ring_alive=True)
+        ring._groups.pop(self.group_id, None)
+        # The kernel may still be copying into the memory: keep it until the
+        # ring itself is gone.
+        ring._retired += [self._mem, self._cdata]
+
+    def _release(self, *, ring_alive: bool) -> None:
+        if self._b is not None:
+            _lib.iomux_bufs_free(self._ring._r if ring_alive else _ffi.NULL, self._b)
+            self._b = None
+            self._npending = 0

@@ -1,0 +1,560 @@
+/*
+ * _uring_helper.c - the C half of iomux's io_uring layer.
+ *
+ * Python pays about 0.1 us for every call into C, so everything here is
+ * batch-shaped: one call prepares a whole array of operation records, enters
+ * the kernel once (submit + wait) and copies every available completion out
+ * into a flat array that Python decodes with struct.iter_unpack.
+ *
+ * The ring (struct io_uring) stays opaque to Python: it only ever holds an
+ * iomux_ring pointer.  Every function returns -errno on failure, like
+ * liburing itself (which does not set errno).
+ */
+#include <errno.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <liburing.h>
+
+/* liburing 2.3 is the oldest release with everything used below. */
+#ifndef IORING_SETUP_DEFER_TASKRUN
+#error "iomux's io_uring driver needs liburing 2.3 or newer (Debian/Ubuntu: apt-get install liburing-dev)"
+#endif
+
+/* Setup flags are exported to Python only if this header knows them: a flag
+ * that liburing does not understand can make init "succeed" with rings that
+ * liburing maps wrongly.  0 means "not available in this build". */
+#define IOMUX_SETUP_CQSIZE IORING_SETUP_CQSIZE
+#define IOMUX_SETUP_CLAMP IORING_SETUP_CLAMP
+#define IOMUX_SETUP_SUBMIT_ALL IORING_SETUP_SUBMIT_ALL
+#define IOMUX_SETUP_COOP_TASKRUN IORING_SETUP_COOP_TASKRUN
+#define IOMUX_SETUP_TASKRUN_FLAG IORING_SETUP_TASKRUN_FLAG
+#define IOMUX_SETUP_SINGLE_ISSUER IORING_SETUP_SINGLE_ISSUER
+#define IOMUX_SETUP_DEFER_TASKRUN IORING_SETUP_DEFER_TASKRUN
+#define IOMUX_SETUP_R_DISABLED IORING_SETUP_R_DISABLED
+
+/* Kinds of operation record (struct iomux_op.op). */
+enum {
+    IOMUX_OP_NOP = 0,
+    IOMUX_OP_POLL_ADD = 1,        /* one-shot poll: fd, arg = poll mask */
+    IOMUX_OP_POLL_MULTISHOT = 2,  /* multishot poll: fd, arg = poll mask */
+    IOMUX_OP_POLL_UPDATE = 3,     /* addr = old user_data, addr2 = new user_data,
+                                     arg = poll mask, arg2 = IORING_POLL_* flags */
+    IOMUX_OP_POLL_REMOVE = 4,     /* addr = user_data of the poll */
+    IOMUX_OP_CANCEL = 5,          /* addr = user_data to cancel, arg = cancel flags */
+    IOMUX_OP_CANCEL_FD = 6,       /* fd, arg = cancel flags (ALL by default) */
+    IOMUX_OP_ACCEPT = 7,          /* fd, arg = accept4() flags */
+    IOMUX_OP_ACCEPT_MULTISHOT = 8,/* fd, arg = accept4() flags */
+    IOMUX_OP_RECV = 9,            /* fd, buf_group, arg = msg flags */
+    IOMUX_OP_RECV_MULTISHOT = 10, /* fd, buf_group, arg = msg flags */
+    IOMUX_OP_SEND = 11,           /* fd, addr = buffer, arg2 = length, arg = msg flags */
+    IOMUX_OP_CLOSE = 12,          /* fd */
+    IOMUX_OP_COUNT = 13
+};
+
+/* One operation record, 40 bytes, packed by Python as "=BBHiIIQQQ". */
+struct iomux_op {
+    uint8_t op;
+    uint8_t sqe_flags;  /* IOSQE_* bits, e.g. IOSQE_CQE_SKIP_SUCCESS */
+    uint16_t buf_group;
+    int32_t fd;
+    uint32_t arg;
+    uint32_t arg2;
+    uint64_t user_data;
+    uint64_t addr;
+    uint64_t addr2;
+};
+
+/* One completion as copied out to Python, 16 bytes: "=QiI". */
+struct iomux_cqe {
+    uint64_t user_data;
+    int32_t res;
+    uint32_t flags;
+};
+
+/* user_data values at or above this are the helper's own (liburing also
+ * reserves (__u64)-1 for the internal timeout of old kernels); such
+ * completions are consumed here and never copied out. */
+#define IOMUX_UD_RESERVED 0xFFFFFFFFFFFFFF00ULL
+#define IOMUX_UD_WAKE 0xFFFFFFFFFFFFFF01ULL
+#define IOMUX_UD_CLOSE 0xFFFFFFFFFFFFFF02ULL
+
+/* Bits of status[0] after iomux_enter(). */
+#define IOMUX_ST_WOKEN 1     /* a wake-up (eventfd write) was consumed */
+#define IOMUX_ST_TIMED_OUT 2 /* the wait ran to its deadline */
+#define IOMUX_ST_MORE 4      /* more completions are ready than fitted */
+
+/* A wait with no deadline is done in slices of this length. */
+#define IOMUX_WAIT_SLICE_NS (3600LL * 1000000000LL)
+
+typedef struct iomux_ring {
+    struct io_uring ring;
+    unsigned setup_flags; /* flags the kernel accepted */
+    int wake_fd;          /* eventfd polled for wake-ups from any thread */
+    int wake_armed;       /* a multishot poll on wake_fd is queued or live */
+    int enabled;          /* 0 while IORING_SETUP_R_DISABLED still holds */
+} iomux_ring;
+
+typedef struct iomux_bufs {
+    struct io_uring_buf_ring *br;
+    size_t br_bytes;
+    unsigned char *data; /* nbufs * size bytes, owned by Python */
+    unsigned nbufs, size, mask, bgid;
+} iomux_bufs;
+
+static const char *iomux_liburing_version(void)
+{
+#ifdef IO_URING_VERSION_MAJOR
+    static char buf[32];
+    snprintf(buf, sizeof buf, "%d.%d", IO_URING_VERSION_MAJOR, IO_URING_VERSION_MINOR);
+    return buf;
+#else
+    /* 2.4 added the version macros; 2.3 added DEFER_TASKRUN (checked above). */
+    return "2.3";
+#endif
+}
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static iomux_ring *iomux_ring_new(unsigned entries, unsigned cq_entries, unsigned flags,
+                                  int wake_fd, int *err)
+{
+    struct io_uring_params p;
+    iomux_ring *r = calloc(1, sizeof *r);
+    int ret;
+
+    if (!r) {
+        *err = ENOMEM;
+        return NULL;
+    }
+    memset(&p, 0, sizeof p);
+    p.flags = flags;
+    p.cq_entries = cq_entries;
+    ret = io_uring_queue_init_params(entries, &r->ring, &p);
+    if (ret < 0) {
+        free(r);
+        *err = -ret;
+        return NULL;
+    }
+    r->setup_flags = flags;
+    r->wake_fd = wake_fd;
+    r->enabled = !(flags & IORING_SETUP_R_DISABLED);
+    *err = 0;
+    return r;
+}
+
+static unsigned iomux_ring_features(const iomux_ring *r) { return r->ring.features; }
+static unsigned iomux_ring_sq_entries(const iomux_ring *r) { return r->ring.sq.ring_entries; }
+static unsigned iomux_ring_cq_entries(const iomux_ring *r) { return r->ring.cq.ring_entries; }
+static int iomux_ring_fd(const iomux_ring *r) { return r->ring.ring_fd; }
+
+/* Fill supported[op] with 1/0 for every opcode the kernel knows; returns the
+ * number of entries written or -errno. */
+static int iomux_ring_probe(iomux_ring *r, unsigned char *supported, unsigned n)
+{
+    struct io_uring_probe *p = io_uring_get_probe_ring(&r->ring);
+    unsigned i;
+
+    if (!p)
+        return -EOPNOTSUPP;
+    for (i = 0; i < n; i++)
+        supported[i] = (unsigned char)io_uring_opcode_supported(p, (int)i);
+    io_uring_free_probe(p);
+    return (int)n;
+}
+
+/* With SINGLE_ISSUER the kernel binds the ring to the thread that enables
+ * it.  The ring is created disabled and enabled on first use, so the thread
+ * that runs the loop owns it, not the one that happened to construct it. */
+static int ensure_enabled(iomux_ring *r)
+{
+    int ret;
+
+    if (r->enabled)
+        return 0;
+    /* liburing 2.3 declares io_uring_enable_rings() but its .so does not
+     * export it: use the raw register call. */
+    ret = io_uring_register((unsigned)r->ring.ring_fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0);
+    if (ret < 0)
+        return ret;
+    r->enabled = 1;
+    return 0;
+}
+
+static int needs_flush(const iomux_ring *r)
+{
+    /* Completions parked on the overflow list, or (DEFER/COOP_TASKRUN)
+     * task work that will post completions once we enter the kernel. */
+    unsigned kflags = IO_URING_READ_ONCE(*r->ring.sq.kflags);
+    return (kflags & (IORING_SQ_CQ_OVERFLOW | IORING_SQ_TASKRUN)) != 0;
+}
+
+/* An SQE, submitting what is queued to make room when the SQ is full. */
+static struct io_uring_sqe *get_sqe(iomux_ring *r, int *err)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+    int ret;
+
+    if (sqe)
+        return sqe;
+    ret = io_uring_submit(&r->ring);
+    if (ret < 0) {
+        *err = ret;
+        return NULL;
+    }
+    sqe = io_uring_get_sqe(&r->ring);
+    if (!sqe)
+        *err = -EBUSY;
+    return sqe;
+}
+
+static void prep_op(struct io_uring_sqe *sqe, const struct iomux_op *op)
+{
+    switch (op->op) {
+    case IOMUX_OP_NOP:
+        io_uring_prep_nop(sqe);
+        break;
+    case IOMUX_OP_POLL_ADD:
+        io_uring_prep_poll_add(sqe, op->fd, op->arg);
+        break;
+    case IOMUX_OP_POLL_MULTISHOT:
+        io_uring_prep_poll_multishot(sqe, op->fd, op->arg);
+        break;
+    case IOMUX_OP_POLL_UPDATE:
+        /* Older kernels replace the whole mask: a multishot poll turns
+         * one-shot unless arg2 repeats IORING_POLL_ADD_MULTI. */
+        io_uring_prep_poll_update(sqe, op->addr, op->addr2, op->arg, op->arg2);
+        break;
+    case IOMUX_OP_POLL_REMOVE:
+        io_uring_prep_poll_remove(sqe, op->addr);
+        break;
+    case IOMUX_OP_CANCEL:
+        io_uring_prep_cancel64(sqe, op->addr, (int)op->arg);
+        break;
+    case IOMUX_OP_CANCEL_FD:
+        io_uring_prep_cancel_fd(sqe, op->fd, op->arg);
+        break;
+    case IOMUX_OP_ACCEPT:
+        io_uring_prep_accept(sqe, op->fd, NULL, NULL, (int)op->arg);
+        break;
+    case IOMUX_OP_ACCEPT_MULTISHOT:
+        io_uring_prep_multishot_accept(sqe, op->fd, NULL, NULL, (int)op->arg);
+        break;
+    case IOMUX_OP_RECV:
+    case IOMUX_OP_RECV_MULTISHOT:
+        if (op->op == IOMUX_OP_RECV)
+            io_uring_prep_recv(sqe, op->fd, NULL, 0, (int)op->arg);
+        else
+            io_uring_prep_recv_multishot(sqe, op->fd, NULL, 0, (int)op->arg);
+        sqe->flags |= IOSQE_BUFFER_SELECT;
+        sqe->buf_group = op->buf_group;
+        break;
+    case IOMUX_OP_SEND:
+        io_uring_prep_send(sqe, op->fd, (const void *)(uintptr_t)op->addr, op->arg2,
+                           (int)op->arg);
+        break;
+    case IOMUX_OP_CLOSE:
+        io_uring_prep_close(sqe, op->fd);
+        break;
+    }
+    sqe->flags |= op->sqe_flags;
+    io_uring_sqe_set_data64(sqe, op->user_data);
+}
+
+/* Turn records into SQEs; *done counts the records consumed. */
+static int queue_ops(iomux_ring *r, const struct iomux_op *ops, unsigned nops, int64_t *done)
+{
+    struct io_uring_sqe *sqe;
+    int err = 0;
+    unsigned i;
+
+    if (r->wake_fd >= 0 && !r->wake_armed) {
+        sqe = get_sqe(r, &err);
+        if (!sqe)
+            return err;
+        io_uring_prep_poll_multishot(sqe, r->wake_fd, POLLIN);
+        io_uring_sqe_set_data64(sqe, IOMUX_UD_WAKE);
+        r->wake_armed = 1;
+    }
+    for (i = 0; i < nops; i++) {
+        sqe = get_sqe(r, &err);
+        if (!sqe) {
+            *done = i;
+            return err;
+        }
+        prep_op(sqe, &ops[i]);
+    }
+    *done = nops;
+    return 0;
+}
+
+static void internal_cqe(iomux_ring *r, const struct io_uring_cqe *cqe, int64_t *status)
+{
+    uint64_t counter;
+    ssize_t got;
+
+    if (cqe->user_data != IOMUX_UD_WAKE)
+        return; /* close-time cancel, or liburing's own timeout */
+    /* Reset the eventfd so the next write is a new wake-up.  A write that
+     * lands between the poll firing and this read is folded into this one;
+     * EAGAIN (already reset) is fine. */
+    got = read(r->wake_fd, &counter, sizeof counter);
+    (void)got;
+    if (!(cqe->flags & IORING_CQE_F_MORE))
+        r->wake_armed = 0; /* the multishot poll ended: re-armed on next enter */
+    status[0] |= IOMUX_ST_WOKEN;
+}
+
+/* Copy up to cap completions out and advance the CQ past them.  Whatever
+ * does not fit stays in the CQ (or the kernel's overflow list) for the next
+ * call: nothing is dropped. */
+static unsigned copy_out(iomux_ring *r, struct iomux_cqe *out, unsigned cap, int64_t *status)
+{
+    struct io_uring_cqe *cqe;
+    unsigned n = 0, head, seen;
+
+    for (;;) {
+        seen = 0;
+        io_uring_for_each_cqe(&r->ring, head, cqe) {
+            if (n == cap)
+                break;
+            seen++;
+            if (cqe->user_data >= IOMUX_UD_RESERVED) {
+                internal_cqe(r, cqe, status);
+                continue;
+            }
+            out[n].user_data = cqe->user_data;
+            out[n].res = cqe->res;
+            out[n].flags = cqe->flags;
+            n++;
+        }
+        io_uring_cq_advance(&r->ring, seen);
+        if (n == cap || !needs_flush(r))
+            break;
+        /* One enter with GETEVENTS moves overflowed completions into the
+         * CQ and runs deferred task work. */
+        if (io_uring_get_events(&r->ring) < 0 || io_uring_cq_ready(&r->ring) == 0)
+            break;
+    }
+    if (n == cap && (io_uring_cq_ready(&r->ring) || needs_flush(r)))
+        status[0] |= IOMUX_ST_MORE;
+    return n;
+}
+
+/*
+ * Queue nops records, submit everything pending, wait for at least
+ * min_complete (0 or 1) completions for at most timeout_ns (-1: no limit,
+ * 0: do not wait), then copy all available completions into out (up to cap).
+ *
+ * Returns the number copied, or -errno.  status[0] gets IOMUX_ST_* bits,
+ * status[1] the number of records consumed (the rest must be passed again),
+ * status[2] on -EINTR the nanoseconds left of the timeout (-1: no limit), on
+ * -EINVAL the index of the malformed record (none of them is consumed).
+ *
+ * A positive timeout never ends early: returning 0 before the deadline
+ * happens only for a wake-up (IOMUX_ST_WOKEN) and -EINTR only for a signal.
+ */
+static int iomux_enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_buf,
+                       unsigned cap, unsigned min_complete, int64_t timeout_ns,
+                       int64_t *status)
+{
+    const struct iomux_op *ops = ops_buf;
+    struct iomux_cqe *out = out_buf;
+    struct io_uring_cqe *cqe;
+    struct __kernel_timespec ts;
+    int64_t deadline, slice_end, now;
+    int ret, qerr;
+    unsigned n;
+
+    status[0] = 0;
+    status[1] = 0;
+    status[2] = -1;
+    for (n = 0; n < nops; n++) {
+        if (ops[n].op >= IOMUX_OP_COUNT || ops[n].user_data >= IOMUX_UD_RESERVED) {
+            status[2] = n; /* a malformed record: nothing is done */
+            return -EINVAL;
+        }
+    }
+    ret = ensure_enabled(r);
+    if (ret < 0)
+        return ret;
+    qerr = queue_ops(r, ops, nops, &status[1]);
+
+    if (min_complete == 0 || timeout_ns == 0 || qerr < 0 || io_uring_cq_ready(&r->ring)) {
+        /* No waiting.  Enter only if there is something to submit or the
+         * kernel holds completions back (overflow, deferred task work). */
+        ret = 0;
+        if (io_uring_sq_ready(&r->ring) || needs_flush(r))
+            ret = io_uring_submit_and_get_events(&r->ring);
+        n = copy_out(r, out, cap, status);
+        if (n)
+            return (int)n;
+        if (ret < 0)
+            return ret;
+        /* A full SQ the kernel cannot drain right now (-EBUSY/-EAGAIN) is
+         * not an error: the records not consumed are passed again. */
+        if (qerr < 0 && qerr != -EBUSY && qerr != -EAGAIN)
+            return qerr;
+        if (min_complete && !(status[0] & IOMUX_ST_WOKEN))
+            status[0] |= IOMUX_ST_TIMED_OUT;
+        return 0;
+    }
+
+    now = now_ns();
+    /* Negative or absurdly long: no deadline (and no int64 overflow). */
+    deadline = timeout_ns < 0 || timeout_ns > INT64_MAX - now ? INT64_MAX : now + timeout_ns;
+    for (;;) {
+        now = now_ns();
+        if (now >= deadline) {
+            status[0] |= IOMUX_ST_TIMED_OUT;
+            return 0;
+        }
+        slice_end = deadline - now > IOMUX_WAIT_SLICE_NS ? now + IOMUX_WAIT_SLICE_NS : deadline;
+        ts.tv_sec = (slice_end - now) / 1000000000LL;
+        ts.tv_nsec = (slice_end - now) % 1000000000LL;
+        /* With IORING_FEAT_EXT_ARG the timespec is read during this call;
+         * without it liburing queues a timeout SQE and submits it here too. */
+        ret = io_uring_submit_and_wait_timeout(&r->ring, &cqe, 1, &ts, NULL);
+        n = copy_out(r, out, cap, status);
+        if (n || (status[0] & IOMUX_ST_WOKEN))
+            return (int)n;
+        now = now_ns();
+        if (ret == -EINTR || (ret > 0 && now < slice_end)) {
+            /* When the same enter also submitted SQEs, the kernel reports
+             * the submit count and swallows -EINTR/-ETIME of the wait (and
+             * liburing 2.3 then does not report -ETIME either).  Before the
+             * deadline, that can only have been a signal. */
+            status[2] = deadline == INT64_MAX ? -1 : (deadline > now ? deadline - now : 0);
+            return -EINTR;
+        }
+        if (ret < 0 && ret != -ETIME)
+            return ret;
+        /* -ETIME, or a slice of an unlimited wait ran out: wait again for
+         * whatever is left (a kernel timer never fires early, this clock
+         * check just makes sure of it). */
+    }
+}
+
+/* Cancel everything in flight, wait (bounded) until the kernel confirms,
+ * then tear the ring down.  cancel = 0 (e.g. in a forked child, or from a
+ * thread the ring is not bound to) skips straight to the teardown. */
+static void iomux_ring_close(iomux_ring *r, int cancel)
+{
+    struct io_uring_sqe *sqe;
+    struct io_uring_cqe *cqe;
+    struct __kernel_timespec ts = {0, 100 * 1000000LL};
+    int err = 0, done = 0, ret, tries;
+    unsigned head, seen;
+
+    if (cancel && r->enabled && (sqe = get_sqe(r, &err))) {
+        io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY | IORING_ASYNC_CANCEL_ALL);
+        io_uring_sqe_set_data64(sqe, IOMUX_UD_CLOSE);
+        for (tries = 0; tries < 20 && !done; tries++) {
+            ret = io_uring_submit_and_wait_timeout(&r->ring, &cqe, 1, &ts, NULL);
+            seen = 0;
+            io_uring_for_each_cqe(&r->ring, head, cqe) {
+                seen++;
+                if (cqe->user_data == IOMUX_UD_CLOSE)
+                    done = 1;
+            }
+            io_uring_cq_advance(&r->ring, seen);
+            if (ret < 0 && ret != -ETIME && ret != -EINTR)
+                break; /* e.g. -EEXIST: not the ring's thread */
+        }
+    }
+    io_uring_queue_exit(&r->ring);
+    free(r);
+}
+
+/*
+ * A provided-buffer ring of nbufs buffers of size bytes each, carved out of
+ * data (Python-owned, nbufs * size bytes).  liburing 2.4+ has
+ * io_uring_setup_buf_ring(); 2.3 does not, so it is done by hand:
+ * page-aligned ring memory, register it, publish every buffer.
+ */
+static iomux_bufs *iomux_bufs_new(iomux_ring *r, unsigned bgid, unsigned nbufs, unsigned size,
+                                  void *data, int *err)
+{
+    struct io_uring_buf_reg reg;
+    long page = sysconf(_SC_PAGESIZE);
+    iomux_bufs *b;
+    unsigned i;
+    int ret;
+
+    if (nbufs == 0 || nbufs > 32768 || (nbufs & (nbufs - 1)) || size == 0 || bgid > 0xFFFF) {
+        *err = EINVAL;
+        return NULL;
+    }
+    b = calloc(1, sizeof *b);
+    if (!b) {
+        *err = ENOMEM;
+        return NULL;
+    }
+    b->br_bytes = (nbufs * sizeof(struct io_uring_buf) + (size_t)page - 1) & ~((size_t)page - 1);
+    b->br = mmap(NULL, b->br_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (b->br == MAP_FAILED) {
+        *err = errno;
+        free(b);
+        return NULL;
+    }
+    memset(&reg, 0, sizeof reg);
+    reg.ring_addr = (uint64_t)(uintptr_t)b->br;
+    reg.ring_entries = nbufs;
+    reg.bgid = (uint16_t)bgid;
+    ret = io_uring_register_buf_ring(&r->ring, &reg, 0);
+    if (ret < 0) {
+        munmap(b->br, b->br_bytes);
+        free(b);
+        *err = -ret;
+        return NULL;
+    }
+    b->data = data;
+    b->nbufs = nbufs;
+    b->size = size;
+    b->bgid = bgid;
+    b->mask = (unsigned)io_uring_buf_ring_mask(nbufs);
+    io_uring_buf_ring_init(b->br);
+    for (i = 0; i < nbufs; i++)
+        io_uring_buf_ring_add(b->br, b->data + (size_t)i * size, size, (unsigned short)i,
+                              (int)b->mask, (int)i);
+    io_uring_buf_ring_advance(b->br, (int)nbufs);
+    *err = 0;
+    return b;
+}
+
+/* Hand n buffers back to the kernel in one step.  Returns 0, or -EINVAL if
+ * some ids were out of range (those are skipped, the others recycled). */
+static int iomux_bufs_recycle(iomux_bufs *b, const uint16_t *bids, unsigned n)
+{
+    unsigned i, k = 0;
+
+    for (i = 0; i < n; i++) {
+        if (bids[i] >= b->nbufs)
+            continue;
+        io_uring_buf_ring_add(b->br, b->data + (size_t)bids[i] * b->size, b->size, bids[i],
+                              (int)b->mask, (int)k);
+        k++;
+    }
+    io_uring_buf_ring_advance(b->br, (int)k);
+    return k == n ? 0 : -EINVAL;
+}
+
+/* r = NULL once the ring itself is gone (the kernel dropped the group). */
+static void iomux_bufs_free(iomux_ring *r, iomux_bufs *b)
+{
+    if (r)
+        io_uring_unregister_buf_ring(&r->ring, (int)b->bgid);
+    munmap(b->br, b->br_bytes);
+    free(b);
+}
