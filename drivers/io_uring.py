@@ -46,6 +46,10 @@ from .pollable import PollMasks
 _FD_MASK = 0xFFFFFFFF
 #: Set in the user_data of a removal request, whose other bits name its target.
 _REMOVAL = 1 << 62
+#: Set by callers in the user_data of their own completion operations on
+#: ``driver.ring`` (accept, recv, send...): such completions are handed over
+#: in ``driver.completions`` instead of being read as readiness.
+COMPLETION_TAG = 1 << 61
 _GENERATIONS = 0x3FFFFFFF
 
 
@@ -96,6 +100,9 @@ class IoUringDriver(PollMasks, Multiplexer):
         self._generation = 0
         # Completions taken out of the ring outside a wait, for the next wait.
         self._backlog: list[tuple[int, int, int]] = []
+        #: Completions of operations tagged with COMPLETION_TAG, in arrival
+        #: order, collected by poll(); the caller handles and clears them.
+        self.completions: list[tuple[int, int, int]] = []
         self._owner: int | None = None
         self._resync = False
         self._eager = False  # set once fileno() is handed out
@@ -224,6 +231,10 @@ class IoUringDriver(PollMasks, Multiplexer):
     ) -> None:
         live = self._live
         for user_data, res, flags in completions:
+            if user_data & COMPLETION_TAG:
+                self.completions.append((user_data, res, flags))
+                self._woken = True  # poll() returns for these even without events
+                continue
             fd = user_data & _FD_MASK
             state = live.get(fd)
             if state is None or state[0] != user_data:
