@@ -36,6 +36,8 @@ def run_conformance(
 ) -> int:
     """Run the conformance suite; return pytest's exit code (non-zero on any failure)."""
     args = ["--pyargs", "iomux.conformance", "-p", "no:cacheprovider", "--import-mode=importlib"]
+    # iomux is imported before pytest starts; its plugin module cannot be rewritten.
+    args += ["-W", "ignore::pytest.PytestAssertRewriteWarning"]
     for name in backends or []:
         args += ["--iomux-backend", name]
     for spec in drivers or []:
