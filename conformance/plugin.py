@@ -15,6 +15,11 @@ Every test that takes the ``driver`` fixture runs once per driver. A
 built-in driver that cannot run on Linux makes its tests *fail* with the
 reason: a skip would hide a broken install. A capability a driver declares
 it lacks is a skip that names the capability (see :func:`require`).
+
+Reactor tests also take the ``reactor_io`` fixture: they run once with the
+readiness strategy and once with the completion strategy, which is a skip
+on drivers that do not declare ``capabilities.completion``; so every driver
+has the same number of cases.
 """
 
 from __future__ import annotations
@@ -110,6 +115,24 @@ def mux(driver: type[Multiplexer]) -> Iterator[Multiplexer]:
         yield instance
     finally:
         instance.close()
+
+
+#: The reactor's I/O strategies; reactor tests run once per strategy.
+REACTOR_IO = ("readiness", "completion")
+
+
+@pytest.fixture(params=REACTOR_IO)
+def reactor_io(driver: type[Multiplexer], request: pytest.FixtureRequest) -> str:
+    """The reactor strategy under test; completion is skipped where not declared."""
+    if request.param == "completion":
+        require_completion(driver)
+    return str(request.param)
+
+
+def require_completion(driver: type[Multiplexer] | Multiplexer) -> None:
+    """Skip the calling test, naming the capability, if ``driver`` lacks completion I/O."""
+    if not driver.capabilities.completion:
+        pytest.skip(f"{driver.name} declares no capability completion")
 
 
 def require(driver: type[Multiplexer] | Multiplexer, trigger: Trigger) -> None:

@@ -4,34 +4,35 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from iomux import Multiplexer
 from iomux.reactor import DeadlineExceeded, IdleTimeout, Reactor
-from iomux.reactor.testing import Recorder
+from iomux.reactor.testing import Recorder, recording
 
 TIMEOUT = 5.0
 
 
 @pytest.fixture
-def reactor(driver: type[Multiplexer]) -> Iterator[Reactor]:
-    r = Reactor(backend=driver)
+def reactor(driver: type[Multiplexer], reactor_io: str) -> Iterator[Reactor]:
+    r = Reactor(backend=driver, strategy=reactor_io)
     try:
         yield r
     finally:
         r.close()
 
 
-def _serve(reactor: Reactor, **server_opts: float) -> tuple[list[Recorder], int]:
+def _serve(reactor: Reactor, **server_opts: Any) -> tuple[list[Recorder], int]:
     recs: list[Recorder] = []
     server = reactor.create_server(
-        lambda: recs.append(Recorder(reactor)) or recs[-1], "127.0.0.1", 0, **server_opts
+        recording(recs, lambda: Recorder(reactor)), "127.0.0.1", 0, **server_opts
     )
     return recs, server.port()
 
 
-def _connect(reactor: Reactor, port: int, **opts: float) -> Recorder:
+def _connect(reactor: Reactor, port: int, **opts: Any) -> Recorder:
     client = Recorder(reactor)
     reactor.run_until_complete(
         reactor.create_connection(lambda: client, "127.0.0.1", port, **opts), timeout=TIMEOUT

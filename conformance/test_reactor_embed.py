@@ -13,14 +13,14 @@ import pytest
 from iomux import Multiplexer
 from iomux.reactor import EmbeddingUnsupported, Reactor
 from iomux.reactor.embed import AsyncioEmbedding, ReactorThread
-from iomux.reactor.testing import Recorder
+from iomux.reactor.testing import Recorder, recording
 
 TIMEOUT = 5.0
 
 
 @pytest.fixture
-def reactor(driver: type[Multiplexer]) -> Iterator[Reactor]:
-    r = Reactor(backend=driver)
+def reactor(driver: type[Multiplexer], reactor_io: str) -> Iterator[Reactor]:
+    r = Reactor(backend=driver, strategy=reactor_io)
     try:
         yield r
     finally:
@@ -35,7 +35,7 @@ def test_host_loop_with_run_once(reactor: Reactor) -> None:
     """A host that owns the loop calls run_once(timeout) itself."""
     recs: list[Recorder] = []
     server = reactor.create_server(
-        lambda: recs.append(Recorder(reactor, echo=True)) or recs[-1], "127.0.0.1", 0
+        recording(recs, lambda: Recorder(reactor, echo=True)), "127.0.0.1", 0
     )
     fired: list[float] = []
     reactor.call_later(0.05, lambda: fired.append(time.monotonic()))
@@ -67,7 +67,7 @@ def test_fileno_inside_asyncio(reactor: Reactor) -> None:
         try:
             recs: list[Recorder] = []
             server = reactor.create_server(
-                lambda: recs.append(Recorder(reactor, echo=True)) or recs[-1], "127.0.0.1", 0
+                recording(recs, lambda: Recorder(reactor, echo=True)), "127.0.0.1", 0
             )
             # An asyncio client talks to the reactor's server in the same thread.
             r, w = await asyncio.open_connection("127.0.0.1", server.port())
@@ -104,8 +104,8 @@ def test_fileno_without_pollable_fd_is_a_clear_error(reactor: Reactor) -> None:
         reactor.fileno()
 
 
-def test_reactor_in_its_own_thread(driver: type[Multiplexer]) -> None:
-    thread = ReactorThread(Reactor(backend=driver))
+def test_reactor_in_its_own_thread(driver: type[Multiplexer], reactor_io: str) -> None:
+    thread = ReactorThread(Reactor(backend=driver, strategy=reactor_io))
     thread.start()
     try:
         server = thread.call(

@@ -16,7 +16,7 @@ import pytest
 
 from iomux import Multiplexer
 from iomux.reactor import Reactor
-from iomux.reactor.testing import Recorder
+from iomux.reactor.testing import Recorder, recording
 
 from .helpers import fd_budget
 
@@ -74,8 +74,8 @@ CLIENT_SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture
-def reactor(driver: type[Multiplexer]) -> Iterator[Reactor]:
-    r = Reactor(backend=driver)
+def reactor(driver: type[Multiplexer], reactor_io: str) -> Iterator[Reactor]:
+    r = Reactor(backend=driver, strategy=reactor_io)
     try:
         yield r
     finally:
@@ -137,11 +137,11 @@ EMFILE_SCRIPT = textwrap.dedent(
     import json, os, resource, sys, time
     from iomux.registry import load_driver
     from iomux.reactor import Reactor
-    from iomux.reactor.testing import Recorder
-    reactor = Reactor(backend=load_driver(sys.argv[1]))
+    from iomux.reactor.testing import Recorder, recording
+    reactor = Reactor(backend=load_driver(sys.argv[1]), strategy=sys.argv[2])
     recs = []
     server = reactor.create_server(
-        lambda: recs.append(Recorder(reactor, echo=True)) or recs[-1], "127.0.0.1", 0)
+        recording(recs, lambda: Recorder(reactor, echo=True)), "127.0.0.1", 0)
     fillers = []
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
@@ -171,10 +171,12 @@ EMFILE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_emfile_on_accept_backs_off_then_recovers(driver: type[Multiplexer]) -> None:
+def test_emfile_on_accept_backs_off_then_recovers(
+    driver: type[Multiplexer], reactor_io: str
+) -> None:
     spec = f"{driver.__module__}:{driver.__qualname__}"
     proc = subprocess.Popen(
-        [sys.executable, "-c", EMFILE_SCRIPT, spec],
+        [sys.executable, "-c", EMFILE_SCRIPT, spec, reactor_io],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -216,7 +218,7 @@ def test_fd_beyond_max_fd_is_closed_and_server_goes_on(
         pytest.skip(f"{driver.name} declares no capability max_fd (no fd limit of its own)")
     recs: list[Recorder] = []
     server = reactor.create_server(
-        lambda: recs.append(Recorder(reactor, echo=True)) or recs[-1], "127.0.0.1", 0
+        recording(recs, lambda: Recorder(reactor, echo=True)), "127.0.0.1", 0
     )
     fillers: list[int] = []
     with fd_budget(max_fd + 64):

@@ -13,15 +13,15 @@ import pytest
 
 from iomux import Multiplexer
 from iomux.reactor import Reactor, ShutdownTimeout
-from iomux.reactor.testing import Recorder
+from iomux.reactor.testing import Recorder, recording
 
 TIMEOUT = 10.0
 BIG = 32 * 1024 * 1024
 
 
 @pytest.fixture
-def reactor(driver: type[Multiplexer]) -> Iterator[Reactor]:
-    r = Reactor(backend=driver)
+def reactor(driver: type[Multiplexer], reactor_io: str) -> Iterator[Reactor]:
+    r = Reactor(backend=driver, strategy=reactor_io)
     try:
         yield r
     finally:
@@ -31,7 +31,7 @@ def reactor(driver: type[Multiplexer]) -> Iterator[Reactor]:
 def _echo_server(reactor: Reactor) -> tuple[list[Recorder], int]:
     recs: list[Recorder] = []
     server = reactor.create_server(
-        lambda: recs.append(Recorder(reactor, echo=True)) or recs[-1], "127.0.0.1", 0
+        recording(recs, lambda: Recorder(reactor, echo=True)), "127.0.0.1", 0
     )
     return recs, server.port()
 

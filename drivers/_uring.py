@@ -382,9 +382,9 @@ class Ring:
         self._wake_fd = -1
         self._wake_lock = threading.Lock()
         self._pid = os.getpid()
-        if not (0 < entries <= 32768 and 0 < cq_entries <= 65536 and capacity > 0):
+        if not (0 < entries <= 32768 and 0 < cq_entries <= 65536 and 0 < capacity <= 1 << 20):
             raise ValueError(
-                "entries must be in 1..32768, cq_entries in 1..65536, capacity positive"
+                "entries must be in 1..32768, cq_entries in 1..65536, capacity in 1..1048576"
             )
         forced = _forced()
         if forced == "nobuild" or _lib is None:
@@ -789,6 +789,11 @@ class Ring:
                     timeout_ns,
                     status,
                 )
+            except OverflowError:
+                raise ValueError(
+                    f"enter(min_complete={min_complete!r}, timeout_ns={timeout_ns!r}): "
+                    "min_complete must be 0 or 1 and timeout_ns below 2**63 (-1: no limit)"
+                ) from None
             finally:
                 # A signal handler may raise as soon as the call returns: the
                 # count of records the kernel took lives in C memory, so the
@@ -940,15 +945,26 @@ class BufferGroup:
 
     def view(self, bid: int, length: int) -> memoryview:
         """Zero-copy view of ``length`` bytes of buffer ``bid``, valid until it is given back."""
+        if not (0 <= bid < self.count and 0 <= length <= self.size):
+            self._bad_range(bid, length)
         start = bid * self.size
         return self._view[start : start + length]
 
     def take(self, bid: int, length: int) -> bytes:
         """Copy out the first ``length`` bytes of buffer ``bid`` and :meth:`release` it."""
+        if not (0 <= bid < self.count and 0 <= length <= self.size):
+            self._bad_range(bid, length)
         start = bid * self.size
         data = bytes(self._view[start : start + length])
         self.release(bid)
         return data
+
+    def _bad_range(self, bid: int, length: int) -> None:
+        # A slice would silently read a neighbouring buffer (or wrap around).
+        raise ValueError(
+            f"buffer {bid}, length {length}: the group has buffers 0..{self.count - 1} "
+            f"of {self.size} bytes"
+        )
 
     def release(self, bid: int) -> None:
         """Give buffer ``bid`` back at the next :meth:`Ring.enter` (batched, one C call)."""

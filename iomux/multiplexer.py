@@ -75,6 +75,10 @@ ALL_INTEREST = int(Interest.READ | Interest.WRITE)
 # Event masks are built from this table: constructing an IntFlag per event
 # costs more than the rest of the event's handling.
 MASKS = (Interest(0), Interest.READ, Interest.WRITE, Interest.READ | Interest.WRITE)
+#: The longest single wait handed to a driver, in seconds. select, poll and
+#: epoll cannot express much more than 2**31 ms; a longer timeout is waited
+#: out in slices (poll() goes on until its deadline).
+MAX_WAIT = 86_400.0
 
 
 class HasFileno(Protocol):
@@ -401,6 +405,8 @@ class Multiplexer(ABC):
         new_event = tuple.__new__
         emulate_oneshot = self.emulate_oneshot
         while True:
+            if remaining is not None and remaining > MAX_WAIT:
+                remaining = MAX_WAIT
             for fd, ev in self._wait(remaining):
                 want = want_of.get(fd)
                 if want is None:

@@ -4,6 +4,9 @@
 the peer is not taking the echo). ``http`` answers every HTTP/1.1 request
 with a keep-alive "Hello, World!", parsing with httptools (``iomux[http]``).
 ``--workers N`` forks N processes that share the port through SO_REUSEPORT.
+``--io completion`` or ``--io readiness`` forces the reactor's I/O strategy
+(default: completion where the backend has it, e.g. io_uring; see
+:mod:`iomux.reactor.completion`).
 SIGTERM or SIGINT stops accepting, lets connections finish within the grace
 period and exits 0.
 """
@@ -20,6 +23,7 @@ import sys
 from typing import Any
 
 from .reactor import Reactor
+from .reactor.completion import CHOICES, ENV
 from .reactor.server import ProtocolFactory
 from .registry import Selection, choose
 
@@ -124,6 +128,13 @@ def add_serve_parser(subparsers: Any) -> None:
         "--grace", type=float, default=5.0, help="seconds for connections to finish on SIGTERM"
     )
     parser.add_argument("--idle-timeout", type=float, default=None, help="close idle connections")
+    parser.add_argument(
+        "--io",
+        choices=CHOICES,
+        default=None,
+        help="I/O strategy: completion (io_uring operations), readiness, or auto "
+        f"(the default, or ${ENV}): completion where the backend has it",
+    )
     parser.set_defaults(func=serve_command)
 
 
@@ -155,7 +166,7 @@ def _serve(
     ready_fd: int = -1,
     lifeline_fd: int = -1,
 ) -> int:
-    reactor = Reactor(selection.driver)
+    reactor = Reactor(selection.driver, strategy=args.io)
     reactor.selection = selection
     try:
         server = reactor.create_server(
@@ -169,7 +180,14 @@ def _serve(
         if announce:
             where = ", ".join(_address(s) for s in server.sockets)
             workers = f" with {args.workers} workers" if args.workers > 1 else ""
-            logger.info("serving %s on %s%s; %s", args.kind, where, workers, selection.describe())
+            logger.info(
+                "serving %s on %s%s; %s; %s I/O",
+                args.kind,
+                where,
+                workers,
+                selection.describe(),
+                reactor.strategy.name,
+            )
             sys.stderr.flush()
         reactor.install_shutdown_handlers(grace=args.grace, drain=1.0)
         if lifeline_fd >= 0:
@@ -232,12 +250,13 @@ def _serve_workers(args: argparse.Namespace, selection: Selection) -> int:
                 break
             started += len(got)
         logger.info(
-            "serving %s on %s port %d with %d workers; %s",
+            "serving %s on %s port %d with %d workers; %s; %s I/O",
             args.kind,
             args.host,
             port,
             args.workers,
             selection.describe(),
+            args.io or os.environ.get(ENV) or "auto",
         )
         sys.stderr.flush()
         status = 0

@@ -298,3 +298,32 @@ def test_add_and_remove_reader(reactor: Reactor) -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.parametrize("io", ["readiness", "completion"])
+def test_close_with_unsent_data_resets_the_peer(io: str) -> None:
+    import asyncio
+    import socket
+
+    class Flood(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            transport.write(b"x" * (8 << 20))  # far more than the socket buffers hold
+
+    reactor = Reactor("io_uring" if io == "completion" else "epoll", strategy=io)
+    server = reactor.create_server(Flood, "127.0.0.1", 0)
+    client = socket.create_connection(("127.0.0.1", server.port()))
+    client.settimeout(5)
+    try:
+        deadline = time.monotonic() + 5
+        while not reactor._transports and time.monotonic() < deadline:
+            reactor.run_once(0.01)
+        for _ in range(5):
+            reactor.run_once(0.01)
+        reactor.close()
+        with pytest.raises(ConnectionResetError):
+            while client.recv(1 << 20):
+                pass
+    finally:
+        client.close()
+        if not reactor.is_closed():
+            reactor.close()

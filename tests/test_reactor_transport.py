@@ -1,4 +1,5 @@
-"""Unit tests of the readiness transport: arguments, limits, extra info, buffered protocols."""
+"""Unit tests of the transports (readiness, and completion on io_uring): arguments,
+limits, extra info, buffered protocols."""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ from iomux.reactor import Reactor
 from iomux.reactor.testing import Recorder
 
 
-@pytest.fixture(params=[Trigger.LEVEL, Trigger.EDGE], ids=["level", "edge"])
+@pytest.fixture(
+    params=[Trigger.LEVEL, Trigger.EDGE, "completion"], ids=["level", "edge", "completion"]
+)
 def reactor(request: pytest.FixtureRequest) -> Iterator[Reactor]:
-    r = Reactor("epoll", trigger=request.param)
+    if request.param == "completion":
+        r = Reactor("io_uring", strategy="completion")
+    else:
+        r = Reactor("epoll", trigger=request.param)
     try:
         yield r
     finally:
@@ -38,6 +44,7 @@ def test_write_checks_arguments(reactor: Reactor) -> None:
         transport.write(bytearray(b"ab"))
         transport.write(memoryview(b"cd"))
         transport.writelines([b"e", bytearray(b"f"), memoryview(b"g")])
+        reactor.run_once(0)  # completion I/O sends with the next ring enter
         assert peer.recv(100) == b"abcdefg"
         transport.write_eof()
         with pytest.raises(RuntimeError, match="write_eof"):

@@ -22,6 +22,7 @@ See :mod:`iomux.reactor.embed` to run the reactor inside another loop or thread.
 
 from __future__ import annotations
 
+from .completion import CompletionStrategy, CompletionUnsupported
 from .errors import (
     ConnectionTimeout,
     DeadlineExceeded,
@@ -42,6 +43,8 @@ from .strategy import ReadinessStrategy, TransportStrategy
 from .transport import SocketTransport
 
 __all__ = [
+    "CompletionStrategy",
+    "CompletionUnsupported",
     "ConnectionTimeout",
     "DeadlineExceeded",
     "EmbeddingUnsupported",

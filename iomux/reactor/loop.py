@@ -28,12 +28,13 @@ from iomux.multiplexer import Multiplexer, Trigger
 from iomux.registry import open_multiplexer
 
 from . import connect as _connect
+from .completion import StrategyChoice, choose_strategy
 from .errors import EmbeddingUnsupported, ReactorClosed, ReactorRunning, RunTimeout
 from .futures import Future, Task
 from .handles import Handle, TimerHandle
 from .server import ProtocolFactory, Server
 from .signals import SignalHandlers
-from .strategy import ReadinessStrategy, TransportStrategy
+from .strategy import TransportStrategy
 from .transport import SocketTransport
 
 logger = logging.getLogger("iomux.reactor")
@@ -51,10 +52,12 @@ class Reactor:
 
     ``backend`` is a backend name, comma list, ``"auto"``, a Multiplexer
     subclass (as for :func:`iomux.open_multiplexer`) or an open
-    :class:`~iomux.Multiplexer`. ``trigger`` forces the readiness strategy's
-    registrations to ``Trigger.LEVEL`` (the default) or ``Trigger.EDGE``.
-    ``strategy`` is a :class:`TransportStrategy`
-    class to use instead of readiness (for completion drivers).
+    :class:`~iomux.Multiplexer`. ``strategy`` is ``"completion"``,
+    ``"readiness"``, ``"auto"`` (completion where the driver declares
+    ``capabilities.completion``, the default unless the environment variable
+    ``IOMUX_IO`` says otherwise) or a :class:`TransportStrategy` class.
+    ``trigger`` implies readiness and forces its registrations to
+    ``Trigger.LEVEL`` (the default) or ``Trigger.EDGE``.
     """
 
     def __init__(
@@ -62,7 +65,7 @@ class Reactor:
         backend: str | type[Multiplexer] | Multiplexer | None = None,
         *,
         trigger: Trigger | None = None,
-        strategy: Callable[[Reactor], TransportStrategy] | None = None,
+        strategy: StrategyChoice = None,
         **options: Any,
     ) -> None:
         if isinstance(backend, Multiplexer):
@@ -85,12 +88,14 @@ class Reactor:
         self._servers: set[Server] = set()
         self._signals = SignalHandlers(self)
         try:
-            self._strategy: TransportStrategy = (
-                strategy(self) if strategy is not None else ReadinessStrategy(self, trigger=trigger)
-            )
+            self._strategy: TransportStrategy = choose_strategy(self, strategy, trigger)
         except BaseException:
             self._mux.close()
             raise
+        # Completions of the strategy's operations, collected by each poll().
+        self._completions: list[tuple[int, int, int]] | None = getattr(
+            self._mux, "completions", None
+        )
 
     # -- properties ---------------------------------------------------------------
 
@@ -101,7 +106,7 @@ class Reactor:
 
     @property
     def strategy(self) -> TransportStrategy:
-        """The transport strategy (readiness unless another was given)."""
+        """The transport strategy (completion or readiness)."""
         return self._strategy
 
     def time(self) -> float:
@@ -280,6 +285,12 @@ class Reactor:
                 self.call_exception_handler(
                     {"message": f"exception in I/O callback {callback!r}", "exception": exc}
                 )
+        completions = self._completions
+        if completions:
+            try:
+                self._strategy.complete(completions)
+            finally:
+                completions.clear()
         while timers and timers[0][0] <= now:
             handle = heapq.heappop(timers)[2]
             handle._scheduled = False
@@ -544,7 +555,7 @@ class Reactor:
         """
         self._check_open()
         try:
-            return self._mux.fileno()
+            return self._strategy.fileno()
         except OSError as exc:
             raise EmbeddingUnsupported(
                 f"the {self._mux.name} driver has no pollable fd, so the reactor cannot be "
@@ -565,8 +576,10 @@ class Reactor:
             server._serving = False
             server.close()
         for transport in list(self._transports):
-            transport._wbuf.clear()
-            transport._finish(None)
+            # Dropping data that write() accepted resets the connection, so
+            # that the peer cannot take a truncated stream for a whole one.
+            transport._drop(None)
+        self._strategy.close()
         self._signals.close()
         self._ready.clear()
         self._timers.clear()

@@ -3,13 +3,13 @@
 A strategy makes the listeners and transports of one reactor. The
 *readiness* strategy (here) waits for the multiplexer to say a socket is
 ready and then calls ``accept``/``recv``/``send`` itself; it works on every
-driver. A *completion* strategy, for drivers whose
-``capabilities.completion`` is True (io_uring), would instead submit
+driver. The *completion* strategy (:mod:`iomux.reactor.completion`), for drivers
+whose ``capabilities.completion`` is True (io_uring), instead submits
 operations (multishot accept, multishot recv into a provided buffer ring,
-batched sends) and react to their completions; it plugs in by implementing
-:class:`TransportStrategy` and being passed as ``Reactor(strategy=...)``.
-Its transports must offer the :class:`~iomux.reactor.transport.SocketTransport`
-interface (asyncio's ``Transport`` plus deadlines and the reactor's hooks).
+batched sends) and reacts to their completions, which the reactor hands to
+:meth:`TransportStrategy.complete` once per loop iteration. Transports must
+offer the :class:`~iomux.reactor.transport.SocketTransport` interface
+(asyncio's ``Transport`` plus deadlines and the reactor's hooks).
 """
 
 from __future__ import annotations
@@ -68,6 +68,16 @@ class TransportStrategy(ABC):
         peername: Any = None,
     ) -> SocketTransport:
         """Wrap a connected non-blocking socket; the caller then calls ``_start()``."""
+
+    def complete(self, batch: list[tuple[int, int, int]]) -> None:  # noqa: B027
+        """Handle the completions ``(user_data, res, flags)`` of one loop iteration."""
+
+    def fileno(self) -> int:
+        """The fd a host loop waits on (see :meth:`Reactor.fileno`)."""
+        return self.reactor._mux.fileno()
+
+    def close(self) -> None:  # noqa: B027
+        """The reactor is closing, after its transports and before its multiplexer."""
 
 
 class ReadinessStrategy(TransportStrategy):

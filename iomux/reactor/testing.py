@@ -114,3 +114,14 @@ def collect_errors(reactor: Reactor) -> list[dict[str, Any]]:
     errors: list[dict[str, Any]] = []
     reactor.set_exception_handler(lambda _reactor, context: errors.append(context))
     return errors
+
+
+def recording(recs: list[Recorder], make: Callable[[], Recorder]) -> Callable[[], Recorder]:
+    """A protocol factory that keeps every protocol it makes in ``recs``."""
+
+    def factory() -> Recorder:
+        rec = make()
+        recs.append(rec)
+        return rec
+
+    return factory

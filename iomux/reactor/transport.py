@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import struct
 from typing import TYPE_CHECKING, Any
 
 from iomux.multiplexer import Trigger
@@ -46,6 +47,8 @@ _BOTH = 3
 _EDGE_READS = 4
 # Errors that mean the peer went away: reported to connection_lost only.
 _PEER_GONE = (ConnectionError, TimeoutError)
+# SO_LINGER on, 0 s: close() resets the connection instead of ending it cleanly.
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class SocketTransport(asyncio.Transport):
@@ -416,8 +419,7 @@ class SocketTransport(asyncio.Transport):
         return self._deadlines.deadline if self._deadlines else None
 
     def _expire(self, exc: BaseException) -> None:
-        self._wbuf.clear()
-        self._finish(exc)
+        self._drop(exc)
 
     # -- closing ------------------------------------------------------------------
 
@@ -437,9 +439,23 @@ class SocketTransport(asyncio.Transport):
             self._finish(None)
 
     def abort(self) -> None:
-        """Close at once, dropping buffered data; ``connection_lost(None)`` follows."""
-        self._wbuf.clear()
-        self._finish(None)
+        """Close at once, dropping buffered data; ``connection_lost(None)`` follows.
+
+        If written data is dropped, the connection is reset (TCP RST) rather
+        than ended, so the peer sees an error instead of a clean but
+        truncated stream.
+        """
+        self._drop(None)
+
+    def _drop(self, exc: BaseException | None) -> None:
+        """Close now; reset the connection if data accepted by write() is dropped."""
+        if self._wbuf and not self._closed:
+            self._wbuf.clear()
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass  # not a socket that can linger (or already broken): close anyway
+        self._finish(exc)
 
     def _finish(self, exc: BaseException | None) -> None:
         if self._closed:
@@ -498,8 +514,7 @@ class SocketTransport(asyncio.Transport):
                 "protocol": self._protocol,
             }
         )
-        self._wbuf.clear()
-        self._finish(exc)
+        self._drop(exc)
 
     def _call_protocol(self, callback: str) -> None:
         try:

@@ -1,0 +1,144 @@
+"""Every benchmark's --quick mode runs and writes outputs that parse.
+
+Timings are never asserted: only that each run finished and produced numbers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from iomux.cli import main
+
+# The reactor (`python -m iomux serve`): when present, its servers must appear and succeed.
+REACTOR = importlib.util.find_spec("iomux.serve") is not None
+
+HAS_CC = bool(shutil.which("gcc") or shutil.which("cc"))
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler to build bench/echoload.c")
+
+
+def run_bench(tmp_path: Path, name: str, *extra: str) -> dict[str, Any]:
+    rc = main(["bench", name, "--quick", "--out", str(tmp_path), *extra])
+    assert rc == 0
+    data: dict[str, Any] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert data["benchmark"] == name
+    assert data["machine"]["kernel"]
+    md = (tmp_path / f"{name}.md").read_text()
+    assert md.startswith("# ")
+    assert "|---|" in md
+    if HAS_MPL:
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
+    return data
+
+
+def check_servers(data: dict[str, Any], key: str) -> None:
+    """Every server that ran produced `key` in every cell it was not skipped for."""
+    names = [s["name"] for s in data["servers"]]
+    assert "asyncio" in names
+    if REACTOR:
+        assert any(s["kind"] == "iomux" for s in data["servers"]), data["notes"]
+    for name in names:
+        for conns, cell in data["summary"][name].items():
+            if cell.get("skipped"):
+                continue
+            assert not cell.get("errors"), (name, conns, cell.get("errors"))
+            assert cell[key] is not None and cell[key] > 0, (name, conns, cell)
+
+
+def test_wait(tmp_path: Path) -> None:
+    data = run_bench(tmp_path, "wait")
+    assert data["runs"]
+    assert "epoll" in data["backends"]
+    costs = data["summary_us"]["epoll"]["0"]
+    assert costs["10"] > 0 and costs["1000"] > 0
+    assert all(run["events"] == run["k"] for run in data["runs"] if run["backend"] == "epoll")
+
+
+@needs_cc
+def test_echo(tmp_path: Path) -> None:
+    data = run_bench(tmp_path, "echo")
+    check_servers(data, "rps")
+    check_servers(data, "cpu_us_per_req")
+
+
+@needs_cc
+@pytest.mark.skipif(
+    importlib.util.find_spec("httptools") is None, reason="the asyncio peer needs httptools"
+)
+def test_http(tmp_path: Path) -> None:
+    data = run_bench(tmp_path, "http")
+    check_servers(data, "rps")
+
+
+@needs_cc
+def test_idle(tmp_path: Path) -> None:
+    data = run_bench(tmp_path, "idle")
+    for server in data["servers"]:
+        cell = data["summary"][server["name"]]
+        if cell.get("skipped"):
+            continue
+        assert not cell["errors"], cell["errors"]
+        assert cell["bytes_per_conn"] is not None
+        assert cell["p99_after"] > 0
+
+
+@needs_cc
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_syscalls(tmp_path: Path) -> None:
+    data = run_bench(tmp_path, "syscalls")
+    for server in data["servers"]:
+        result = data["results"][server["name"]]
+        if result.get("skipped"):
+            continue
+        assert result.get("per_request", 0) > 0, result
+
+
+def test_wrk_parser() -> None:
+    from iomux.bench.httpbench import parse_wrk
+
+    text = """Running 1s test @ http://127.0.0.1:1/
+  1 threads and 10 connections
+  Latency Distribution
+     50%  100.00us
+     75%    1.11ms
+     90%    1.18ms
+     99%    1.47ms
+  75412 requests in 1.01s, 5.61MB read
+Requests/sec:  74935.49
+"""
+    parsed = parse_wrk(text)
+    assert parsed["p50_us"] == pytest.approx(100.0)
+    assert parsed["p99_us"] == pytest.approx(1470.0)
+    assert parsed["requests"] == 75412
+    assert parsed["rps"] == pytest.approx(74935.49)
+
+
+def test_strace_parser() -> None:
+    from iomux.bench.syscalls import parse_strace_summary
+
+    text = """% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 80.81    0.231455        2893        80        40 wait4
+  3.26    0.009345           6      1375           openat
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.286417          31      1455        40 total
+"""
+    parsed = parse_strace_summary(text)
+    assert parsed == {"wait4": {"calls": 80, "errors": 40}, "openat": {"calls": 1375, "errors": 0}}
+
+
+def test_readiness_flag_detection() -> None:
+    from iomux.bench.servers import readiness_args_in
+
+    head = "usage: iomux serve [-h]\n\noptions:\n  -h, --help  show this help message and exit\n"
+    assert readiness_args_in(head + "  --backend BACKEND  backend name (epoll, poll)\n") is None
+    mode = "  --uring-mode {completion,readiness}\n                        how io_uring waits\n"
+    assert readiness_args_in(head + mode) == ["--uring-mode", "readiness"]
+    flag = "  --readiness           use io_uring as a readiness backend\n"
+    assert readiness_args_in(head + flag) == ["--readiness"]
