@@ -56,7 +56,16 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _conformance(args: argparse.Namespace, extra: list[str]) -> int:
-    from .conformance.runner import run_conformance
+    try:
+        from .conformance.runner import run_conformance
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("pytest", "hypothesis"):
+            raise
+        print(
+            f"iomux: the conformance suite needs {exc.name}: pip install 'iomux[test]'",
+            file=sys.stderr,
+        )
+        return 2
 
     return int(run_conformance(backends=args.backend, drivers=args.driver, pytest_args=extra))
 
