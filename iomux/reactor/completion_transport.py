@@ -326,16 +326,8 @@ class CompletionTransport(SocketTransport):
             self._call_protocol("pause_writing")
 
     def _write_slow(self, data: bytes | bytearray | memoryview) -> None:
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(
-                f"data must be bytes, bytearray or memoryview, not {type(data).__name__}"
-            )
-        if self._eof_pending:
-            raise RuntimeError("cannot call write() after write_eof()")
-        if self._closing:
-            return  # as asyncio: writes after close() are dropped
-        view = memoryview(data).cast("B") if isinstance(data, memoryview) else data
-        if not view:
+        view = self._writable(data)
+        if view is None:
             return
         if self._inflight:
             self._wbuf += view

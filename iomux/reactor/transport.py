@@ -287,7 +287,10 @@ class SocketTransport(asyncio.Transport):
                 return
         self._buffer(memoryview(data)[n:])
 
-    def _write_slow(self, data: bytes | bytearray | memoryview) -> None:
+    def _writable(
+        self, data: bytes | bytearray | memoryview
+    ) -> bytes | bytearray | memoryview | None:
+        """Check what write() was given; None when there is nothing to send."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(
                 f"data must be bytes, bytearray or memoryview, not {type(data).__name__}"
@@ -295,9 +298,13 @@ class SocketTransport(asyncio.Transport):
         if self._eof_pending:
             raise RuntimeError("cannot call write() after write_eof()")
         if self._closing:
-            return  # as asyncio: writes after close() are dropped
+            return None  # as asyncio: writes after close() are dropped
         view = memoryview(data).cast("B") if isinstance(data, memoryview) else data
-        if not view:
+        return view if view else None
+
+    def _write_slow(self, data: bytes | bytearray | memoryview) -> None:
+        view = self._writable(data)
+        if view is None:
             return
         if self._wbuf:
             self._wbuf += view
