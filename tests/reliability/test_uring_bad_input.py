@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import mmap
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
@@ -21,17 +21,6 @@ from iomux.errors import MultiplexerClosed
 
 SECOND = 1_000_000_000
 _NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Python 3.13+ names it
-
-
-@pytest.fixture
-def ring(monkeypatch: pytest.MonkeyPatch) -> Iterator[U.Ring]:
-    monkeypatch.delenv("IOMUX_URING_FORCE_FAIL", raising=False)
-    reason = U.probe()
-    if reason is not None:
-        pytest.fail(f"io_uring does not work on this machine: {reason}")
-    r = U.Ring()
-    yield r
-    r.close()
 
 
 def still_works(ring: U.Ring) -> None:

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 from factories import keeping
@@ -23,17 +22,6 @@ from iomux.reactor import Reactor
 from iomux.reactor.testing import Recorder, collect_errors
 
 MS = 1_000_000
-
-
-@pytest.fixture
-def ring(monkeypatch: pytest.MonkeyPatch) -> Iterator[U.Ring]:
-    monkeypatch.delenv("IOMUX_URING_FORCE_FAIL", raising=False)
-    reason = U.probe()
-    if reason is not None:
-        pytest.fail(f"io_uring does not work on this machine: {reason}")
-    r = U.Ring()
-    yield r
-    r.close()
 
 
 def pairs(n: int) -> list[tuple[socket.socket, socket.socket]]:
