@@ -215,3 +215,32 @@ def test_dup_fds_are_independent(mux: Multiplexer) -> None:
         finally:
             os.close(dup)
         assert ready_fds(mux.poll(0.1)) == {a.fileno(): int(R)}
+
+
+@pytest.mark.parametrize("interest", [R, W, R | W], ids=["read", "write", "both"])
+def test_fd_closed_while_registered_never_breaks_a_wait(mux: Multiplexer, interest: int) -> None:
+    """Closing a registered fd without unregistering it must not make poll() fail.
+
+    Drivers differ only in whether the closed fd is reported (select and
+    poll report it as ready for what was registered, so its owner's next
+    call sees EBADF; epoll and io_uring forget it); every other fd goes on
+    being reported, and the closed one can still be unregistered.
+    """
+    a, b = socketpair()
+    c, d = socketpair()
+    with b, c, d:
+        fd = a.fileno()
+        mux.register(a, interest, "closed")
+        mux.register(c, R, "alive")
+        a.close()
+        for _ in range(3):
+            events = mux.poll(0.02)
+            assert all(e.fd in (fd, c.fileno()) for e in events), events
+            for e in events:
+                if e.fd == fd:
+                    assert e.data == "closed" and e.events & ~interest == 0, e
+        d.send(b"x")
+        assert poll_until(mux, c.fileno()).data == "alive"
+        assert mux.unregister(a).fd == fd
+        assert ready_fds(mux.poll(0)) == {c.fileno(): int(R)}
+        assert len(mux) == 1

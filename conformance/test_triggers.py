@@ -22,6 +22,10 @@ def test_level_reports_while_ready(mux: Multiplexer) -> None:
         assert ready_fds(mux.poll(0)) == {a.fileno(): int(R)}
         drain(a)
         assert mux.poll(0) == []
+        assert mux.poll(0) == []
+        b.send(b"again")  # ready anew after being drained: reported again
+        assert poll_until(mux, a.fileno()).events == R
+        assert ready_fds(mux.poll(0)) == {a.fileno(): int(R)}
 
 
 def test_edge_reports_once_per_new_readiness(mux: Multiplexer) -> None:

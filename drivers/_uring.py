@@ -62,6 +62,8 @@ __all__ = [
     "F_BUFFER",
     "F_MORE",
     "F_SOCK_NONEMPTY",
+    "LEVEL_IN",
+    "LEVEL_OUT",
     "NOBUILD_REASON",
     "OP_ACCEPT",
     "OP_ACCEPT_MULTISHOT",
@@ -161,6 +163,10 @@ _SKIP_SUCCESS = _const("IOSQE_CQE_SKIP_SUCCESS", 64)
 _ST_WOKEN = _const("IOMUX_ST_WOKEN", 1)
 _ST_TIMED_OUT = _const("IOMUX_ST_TIMED_OUT", 2)
 _ST_MORE = _const("IOMUX_ST_MORE", 4)
+_ENTER_RECHECK = _const("IOMUX_ENTER_RECHECK", 1)
+#: Bits of a level-triggered poll's user_data (see :meth:`Ring.poll_level`).
+LEVEL_IN = _const("IOMUX_UD_LEVEL_IN", 1 << 56)
+LEVEL_OUT = _const("IOMUX_UD_LEVEL_OUT", 1 << 57)
 
 _SETUP_FLAG_NAMES = (
     "SUBMIT_ALL",
@@ -606,6 +612,22 @@ class Ring:
             raise ValueError(f"operation argument out of range: {exc}") from None
         self._nops = n + 1
 
+    def poll_level(self, fd: int, mask: int, user_data: int) -> None:
+        """Queue a level-triggered poll: reports while ``fd`` stays ready.
+
+        It is a multishot poll (one completion per new wake-up, with F_MORE)
+        whose reported fds :meth:`enter` with ``recheck`` checks again and
+        reports again while they are ready.  ``user_data`` must have
+        :data:`LEVEL_IN` and/or :data:`LEVEL_OUT` set (what to re-check
+        for) and ``fd`` in its low 32 bits.
+        """
+        if not user_data & (LEVEL_IN | LEVEL_OUT) or user_data & 0xFFFFFFFF != fd:
+            raise ValueError(
+                "a level poll's user_data needs LEVEL_IN and/or LEVEL_OUT and the fd "
+                "in its low 32 bits"
+            )
+        self._push(OP_POLL_MULTISHOT, 0, 0, fd, mask, 0, user_data)
+
     def poll_multishot(self, fd: int, mask: int, user_data: int) -> None:
         """Queue a multishot poll: a completion (with F_MORE) per new readiness (edge-like)."""
         self._push(OP_POLL_MULTISHOT, 0, 0, fd, mask, 0, user_data)
@@ -761,7 +783,9 @@ class Ring:
 
     # --- entering the kernel -------------------------------------------
 
-    def enter(self, min_complete: int = 1, timeout_ns: int = -1) -> memoryview:
+    def enter(
+        self, min_complete: int = 1, timeout_ns: int = -1, *, recheck: bool = False
+    ) -> memoryview:
         """Submit everything queued, wait, and return the completions as packed :data:`CQE`\\ s.
 
         Waits until ``min_complete`` (0 or 1) completions are ready, at most
@@ -769,12 +793,17 @@ class Ring:
         view of ``16 * n`` bytes (decode with ``CQE.iter_unpack``) that stays
         valid until the next call.  An empty view means the timeout expired
         (:attr:`timed_out`) or :meth:`wake` was called (:attr:`woken`).
+
+        With ``recheck``, every fd a level-triggered poll (:meth:`poll_level`)
+        reported in an earlier call is checked again first, with one
+        ``poll(2)``, and reported again if it is still ready.
         """
         if not self._usable:
             raise self._unusable()
         if self._dirty:
             self._flush_groups()
         status = self._status
+        flags = _ENTER_RECHECK if recheck else 0
         while True:
             nops = self._nops
             status[1] = 0
@@ -787,6 +816,7 @@ class Ring:
                     self.capacity,
                     min_complete,
                     timeout_ns,
+                    flags,
                     status,
                 )
             except OverflowError:

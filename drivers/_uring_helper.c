@@ -85,6 +85,20 @@ struct iomux_cqe {
 #define IOMUX_UD_WAKE 0xFFFFFFFFFFFFFF01ULL
 #define IOMUX_UD_CLOSE 0xFFFFFFFFFFFFFF02ULL
 
+/* Level-triggered polls.  A poll whose user_data has one of these bits is
+ * a multishot poll that the helper turns level-triggered: the kernel
+ * reports a multishot poll once per new wake-up, not again while the fd
+ * stays ready, so every fd such a poll reported is re-checked with one
+ * poll(2) call at the start of the next iomux_enter(IOMUX_ENTER_RECHECK)
+ * and reported again (as a completion with F_MORE) while it is still ready.
+ * The low 32 bits of such a user_data are the fd. */
+#define IOMUX_UD_LEVEL_IN (1ULL << 56)  /* re-check for POLLIN */
+#define IOMUX_UD_LEVEL_OUT (1ULL << 57) /* re-check for POLLOUT */
+#define IOMUX_UD_LEVEL (IOMUX_UD_LEVEL_IN | IOMUX_UD_LEVEL_OUT)
+
+/* Flags of iomux_enter(). */
+#define IOMUX_ENTER_RECHECK 1 /* re-check the level polls reported last time */
+
 /* Bits of status[0] after iomux_enter(). */
 #define IOMUX_ST_WOKEN 1     /* a wake-up (eventfd write) was consumed */
 #define IOMUX_ST_TIMED_OUT 2 /* the wait ran to its deadline */
@@ -93,8 +107,21 @@ struct iomux_cqe {
 /* A wait with no deadline is done in slices of this length. */
 #define IOMUX_WAIT_SLICE_NS (3600LL * 1000000000LL)
 
+/* What the helper remembers of one fd's level poll. */
+struct iomux_level {
+    uint64_t user_data; /* the level poll that last reported this fd (0: none) */
+    uint32_t epoch;     /* the iomux_enter() call that last reported it */
+    uint8_t hot;        /* in the list of fds to re-check */
+};
+
 typedef struct iomux_ring {
     struct io_uring ring;
+    struct iomux_level *level; /* indexed by fd, nlevel entries */
+    unsigned nlevel;
+    int *hot, *hot_next;       /* fds to re-check, this and the next call */
+    unsigned nhot, nhot_next, hotcap;
+    struct pollfd *pfds;
+    uint32_t epoch;
     unsigned setup_flags; /* flags the kernel accepted */
     int wake_fd;          /* eventfd polled for wake-ups from any thread */
     int wake_armed;       /* a multishot poll on wake_fd is queued or live */
@@ -272,6 +299,142 @@ static void prep_op(struct io_uring_sqe *sqe, const struct iomux_op *op)
     io_uring_sqe_set_data64(sqe, op->user_data);
 }
 
+/* The level state of fd, growing the table; NULL if out of memory. */
+static struct iomux_level *level_slot(iomux_ring *r, int fd)
+{
+    unsigned n;
+    struct iomux_level *grown;
+
+    if (fd < 0)
+        return NULL;
+    if ((unsigned)fd < r->nlevel)
+        return &r->level[fd];
+    n = r->nlevel ? r->nlevel : 64;
+    while (n <= (unsigned)fd)
+        n *= 2;
+    grown = realloc(r->level, n * sizeof *grown);
+    if (!grown)
+        return NULL;
+    memset(grown + r->nlevel, 0, (n - r->nlevel) * sizeof *grown);
+    r->level = grown;
+    r->nlevel = n;
+    return &r->level[fd];
+}
+
+/* Make room for n more fds in the next call's re-check list. */
+static int hot_reserve(iomux_ring *r, unsigned n)
+{
+    unsigned cap = r->hotcap ? r->hotcap : 64;
+    int *a, *b;
+    struct pollfd *p;
+
+    if (r->nhot_next + n <= r->hotcap)
+        return 0;
+    while (cap < r->nhot_next + n)
+        cap *= 2;
+    a = realloc(r->hot, cap * sizeof *a);
+    if (!a)
+        return -ENOMEM;
+    r->hot = a;
+    b = realloc(r->hot_next, cap * sizeof *b);
+    if (!b)
+        return -ENOMEM;
+    r->hot_next = b;
+    p = realloc(r->pfds, cap * sizeof *p);
+    if (!p)
+        return -ENOMEM;
+    r->pfds = p;
+    r->hotcap = cap;
+    return 0;
+}
+
+/* A level poll reported fd: re-check it at the next call. */
+static void level_reported(iomux_ring *r, struct iomux_level *slot, int fd, uint64_t ud)
+{
+    slot->user_data = ud;
+    slot->epoch = r->epoch;
+    if (!slot->hot && hot_reserve(r, 1) == 0) {
+        r->hot_next[r->nhot_next++] = fd;
+        slot->hot = 1;
+    }
+}
+
+/* A removal of poll ud was queued: it must not be re-checked any more. */
+static void level_removed(iomux_ring *r, uint64_t ud)
+{
+    int fd = (int)(ud & 0xFFFFFFFFu);
+
+    if ((ud & IOMUX_UD_LEVEL) && (unsigned)fd < r->nlevel && r->level[fd].user_data == ud)
+        r->level[fd].user_data = 0;
+}
+
+/* Re-check the fds level polls reported last time: one poll(2) call; the
+ * ones still ready are reported again into out (at most cap).  Returns the
+ * number reported. */
+static unsigned level_recheck(iomux_ring *r, struct iomux_cqe *out, unsigned cap)
+{
+    unsigned i, k, m = 0, n = 0, ready = 0, emit;
+    int *tmp;
+
+    /* This call's list starts empty; the fds left over come first in it,
+     * then those reported again (so that no fd starves when out is full). */
+    tmp = r->hot;
+    r->hot = r->hot_next;
+    r->hot_next = tmp;
+    r->nhot = r->nhot_next;
+    r->nhot_next = 0;
+    for (i = 0; i < r->nhot; i++) {
+        int fd = r->hot[i];
+        struct iomux_level *slot = &r->level[fd];
+        uint64_t ud = slot->user_data;
+
+        if (!ud) {
+            slot->hot = 0;
+            continue;
+        }
+        r->pfds[m].fd = fd;
+        r->pfds[m].events = (short)(((ud & IOMUX_UD_LEVEL_IN) ? POLLIN : 0) |
+                                    ((ud & IOMUX_UD_LEVEL_OUT) ? POLLOUT : 0));
+        r->pfds[m].revents = 0;
+        m++;
+    }
+    if (m == 0)
+        return 0;
+    if (poll(r->pfds, m, 0) < 0) {
+        /* EINTR or ENOMEM: keep every fd for the next call. */
+        for (i = 0; i < m; i++)
+            r->hot_next[r->nhot_next++] = r->pfds[i].fd;
+        return 0;
+    }
+    for (i = 0; i < m; i++) {
+        if (r->pfds[i].revents)
+            ready++;
+        else
+            r->level[r->pfds[i].fd].hot = 0; /* drained: its poll reports the next wake-up */
+    }
+    emit = ready < cap ? ready : cap;
+    /* The ready fds that do not fit come first in the next call's list. */
+    for (i = 0, k = 0; i < m; i++) {
+        if (!r->pfds[i].revents)
+            continue;
+        if (k++ >= emit)
+            r->hot_next[r->nhot_next++] = r->pfds[i].fd;
+    }
+    for (i = 0, k = 0; i < m && n < emit; i++) {
+        struct iomux_level *slot = &r->level[r->pfds[i].fd];
+
+        if (!r->pfds[i].revents)
+            continue;
+        out[n].user_data = slot->user_data;
+        out[n].res = r->pfds[i].revents;
+        out[n].flags = IORING_CQE_F_MORE;
+        n++;
+        slot->epoch = r->epoch;
+        r->hot_next[r->nhot_next++] = r->pfds[i].fd;
+    }
+    return n;
+}
+
 /* Turn records into SQEs; *done counts the records consumed. */
 static int queue_ops(iomux_ring *r, const struct iomux_op *ops, unsigned nops, int64_t *done)
 {
@@ -294,6 +457,8 @@ static int queue_ops(iomux_ring *r, const struct iomux_op *ops, unsigned nops, i
             return err;
         }
         prep_op(sqe, &ops[i]);
+        if (ops[i].op == IOMUX_OP_POLL_REMOVE)
+            level_removed(r, ops[i].addr);
     }
     *done = nops;
     return 0;
@@ -334,6 +499,18 @@ static unsigned copy_out(iomux_ring *r, struct iomux_cqe *out, unsigned cap, int
                 internal_cqe(r, cqe, status);
                 continue;
             }
+            if (cqe->user_data & IOMUX_UD_LEVEL) {
+                int fd = (int)(cqe->user_data & 0xFFFFFFFFu);
+                struct iomux_level *slot = level_slot(r, fd);
+
+                if (slot && (cqe->flags & IORING_CQE_F_MORE) && cqe->res > 0) {
+                    if (slot->user_data == cqe->user_data && slot->epoch == r->epoch)
+                        continue; /* reported by this call's re-check already */
+                    level_reported(r, slot, fd, cqe->user_data);
+                } else if (slot && slot->user_data == cqe->user_data) {
+                    slot->user_data = 0; /* the poll ended: the caller re-arms it */
+                }
+            }
             out[n].user_data = cqe->user_data;
             out[n].res = cqe->res;
             out[n].flags = cqe->flags;
@@ -367,7 +544,7 @@ static unsigned copy_out(iomux_ring *r, struct iomux_cqe *out, unsigned cap, int
  */
 static int iomux_enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_buf,
                        unsigned cap, unsigned min_complete, int64_t timeout_ns,
-                       int64_t *status)
+                       unsigned flags, int64_t *status)
 {
     const struct iomux_op *ops = ops_buf;
     struct iomux_cqe *out = out_buf;
@@ -375,7 +552,7 @@ static int iomux_enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *
     struct __kernel_timespec ts;
     int64_t deadline, slice_end, now;
     int ret, qerr;
-    unsigned n;
+    unsigned n, rechecked = 0;
 
     status[0] = 0;
     status[1] = 0;
@@ -390,14 +567,18 @@ static int iomux_enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *
     if (ret < 0)
         return ret;
     qerr = queue_ops(r, ops, nops, &status[1]);
+    r->epoch++;
+    if (flags & IOMUX_ENTER_RECHECK)
+        rechecked = level_recheck(r, out, cap);
 
-    if (min_complete == 0 || timeout_ns == 0 || qerr < 0 || io_uring_cq_ready(&r->ring)) {
+    if (min_complete == 0 || timeout_ns == 0 || qerr < 0 || rechecked ||
+        io_uring_cq_ready(&r->ring)) {
         /* No waiting.  Enter only if there is something to submit or the
          * kernel holds completions back (overflow, deferred task work). */
         ret = 0;
         if (io_uring_sq_ready(&r->ring) || needs_flush(r))
             ret = io_uring_submit_and_get_events(&r->ring);
-        n = copy_out(r, out, cap, status);
+        n = rechecked + copy_out(r, out + rechecked, cap - rechecked, status);
         if (n)
             return (int)n;
         if (ret < 0)
@@ -474,6 +655,10 @@ static void iomux_ring_close(iomux_ring *r, int cancel)
         }
     }
     io_uring_queue_exit(&r->ring);
+    free(r->level);
+    free(r->hot);
+    free(r->hot_next);
+    free(r->pfds);
     free(r);
 }
 

@@ -4,20 +4,26 @@ io_uring has no interest list: readiness comes from poll requests that
 complete like any other operation. So the driver keeps one poll request in
 flight per armed fd, and translates each trigger into a kind of request:
 
-- LEVEL: a one-shot poll, re-armed after each report. The re-arm is only
-  queued; it reaches the kernel with the next ``poll()``, which completes it
-  at once if the fd is still ready. (``IORING_POLL_ADD_LEVEL`` exists but
-  is rejected with EINVAL by the kernels this runs on.)
+- LEVEL: a multishot poll, which the kernel reports once per new wake-up
+  only; every fd it reported is checked again at the start of the next
+  ``poll()`` by the C helper, with one ``poll(2)`` call for all of them,
+  and reported again while it is still ready. This is how epoll itself
+  implements level triggering (it re-checks the fds it reported), and it
+  costs one system call per wait instead of a new poll request per report.
+  (``IORING_POLL_ADD_LEVEL`` exists but is rejected with EINVAL by the
+  kernels this runs on.)
 - EDGE: a multishot poll, which reports when armed if the fd is ready and
-  then once per new wake-up, like ``EPOLLET``. The kernel may end it (no
-  ``F_MORE`` flag), and then it is armed again.
+  then once per new wake-up, like ``EPOLLET``.
+- The kernel may end a multishot poll (no ``F_MORE`` flag, e.g. when the
+  completion queue overflowed); it is then armed again.
 - ONESHOT: a single one-shot poll; ``modify()`` arms a new one.
 
 Nothing reaches the kernel before the next ``poll()``: the registrations
 made between two waits are submitted together with the wait, in one
 ``io_uring_enter``.
 
-Every request carries ``user_data = generation << 32 | fd``. A change of a
+Every request carries ``user_data = generation << 32 | fd`` (plus, for a
+LEVEL poll, the bits that tell the helper what to re-check). A change of a
 registration cancels the old request and arms a new one under a new
 generation, so a completion that was already on its way for the old one is
 recognised and dropped: no stale event ever reaches the caller.
@@ -40,7 +46,7 @@ from iomux.errors import BackendUnavailable
 from iomux.multiplexer import Capabilities, Multiplexer, Registration, Trigger
 
 from . import _uring
-from ._uring import CQE, F_MORE, POLLIN, POLLOUT
+from ._uring import CQE, F_MORE, LEVEL_IN, LEVEL_OUT, POLLIN, POLLOUT
 from .pollable import PollMasks
 
 _FD_MASK = 0xFFFFFFFF
@@ -50,7 +56,8 @@ _REMOVAL = 1 << 62
 #: ``driver.ring`` (accept, recv, send...): such completions are handed over
 #: in ``driver.completions`` instead of being read as readiness.
 COMPLETION_TAG = 1 << 61
-_GENERATIONS = 0x3FFFFFFF
+#: Generations fit in bits 32..55 (bits 56 and 57 are the LEVEL re-check bits).
+_GENERATIONS = 0xFFFFFF
 
 
 class IoUringDriver(PollMasks, Multiplexer):
@@ -64,14 +71,16 @@ class IoUringDriver(PollMasks, Multiplexer):
         completion=True,
         pollable_fd=True,
         notes={
-            "level": "one-shot poll re-armed after each report",
+            "level": "multishot poll; the fds it reported are checked again by the "
+            "next wait, with one poll(2)",
             "edge": "multishot poll",
         },
     )
     flaws = (
         "needs liburing at build time and a kernel that allows io_uring "
         "(kernel.io_uring_disabled, container seccomp profiles)",
-        "a level-triggered fd costs a new poll request after every report",
+        "each wait with level-triggered fds reported last time costs one poll(2) "
+        "call to check them again",
         "closing an fd does not cancel its poll request: unregister first, or the "
         "file stays open until then",
         "the ring belongs to the thread that first polls it (SINGLE_ISSUER)",
@@ -97,6 +106,8 @@ class IoUringDriver(PollMasks, Multiplexer):
         self.ring = self._new_ring(single_issuer=True)
         # fd -> (user_data of the request in flight or 0, poll mask, trigger)
         self._live: dict[int, tuple[int, int, Trigger]] = {}
+        # user_data -> fd of every poll request in flight: the fast path of _reap.
+        self._polls: dict[int, int] = {}
         self._generation = 0
         # Completions taken out of the ring outside a wait, for the next wait.
         self._backlog: list[tuple[int, int, int]] = []
@@ -118,6 +129,7 @@ class IoUringDriver(PollMasks, Multiplexer):
         live = self._live.pop(fd, None)
         removed = live is not None and live[0] != 0
         if removed:
+            self._polls.pop(live[0], None)  # type: ignore[index]
             self._remove(live[0])  # type: ignore[index]
         if new is not None:
             self._arm(fd, self._flags(new), new.trigger)
@@ -135,21 +147,26 @@ class IoUringDriver(PollMasks, Multiplexer):
     def _arm(self, fd: int, mask: int, trigger: Trigger) -> None:
         self._generation = gen = self._generation % _GENERATIONS + 1
         user_data = gen << 32 | fd
-        if trigger is Trigger.EDGE:
+        if trigger is Trigger.LEVEL:
+            user_data |= (LEVEL_IN if mask & POLLIN else 0) | (LEVEL_OUT if mask & POLLOUT else 0)
+            self.ring.poll_level(fd, mask, user_data)
+        elif trigger is Trigger.EDGE:
             self.ring.poll_multishot(fd, mask, user_data)
         else:
             self.ring.poll_add(fd, mask, user_data)
         self._live[fd] = (user_data, mask, trigger)
+        self._polls[user_data] = fd
 
     def _remove(self, user_data: int) -> None:
         # Only failures complete (SKIP_SUCCESS); they carry the target's tag.
         self.ring.poll_remove(user_data, _REMOVAL | user_data, skip_success=True)
 
-    def _enter_now(self) -> None:
+    def _enter_now(self, *, recheck: bool = False) -> None:
         """Submit what is queued and keep the completions for the next wait."""
         self._owner = threading.get_ident()
         for _ in range(8):
-            self._backlog += CQE.iter_unpack(self.ring.enter(0, 0))
+            self._backlog += CQE.iter_unpack(self.ring.enter(0, 0, recheck=recheck))
+            recheck = False
             retried = self._retry_removals()
             if not retried and not self.ring.more:
                 break
@@ -191,6 +208,7 @@ class IoUringDriver(PollMasks, Multiplexer):
         self._resync = False
         for fd, (user_data, mask, trigger) in list(self._live.items()):
             if user_data:
+                self._polls.pop(user_data, None)
                 self._remove(user_data)
             if trigger is not Trigger.ONESHOT or user_data:
                 self._arm(fd, mask, trigger)
@@ -200,27 +218,31 @@ class IoUringDriver(PollMasks, Multiplexer):
         self._owner = threading.get_ident()  # SINGLE_ISSUER binds the ring to it
         ready: list[tuple[int, int]] = []
         rearm: list[tuple[int, int, Trigger]] = []
-        if self._backlog:
-            backlog, self._backlog = self._backlog, []
+        backlog = self._backlog
+        if backlog:
+            self._backlog = []
             self._reap(backlog, ready, rearm)
             timeout = 0
         if timeout is None:
-            raw = ring.enter(1, -1)
+            raw = ring.enter(1, -1, recheck=True)
         elif timeout == 0:
-            raw = ring.enter(0, 0)
+            raw = ring.enter(0, 0, recheck=True)
         else:
-            raw = ring.enter(1, math.ceil(timeout * 1e9))
+            raw = ring.enter(1, math.ceil(timeout * 1e9), recheck=True)
         self._reap(CQE.iter_unpack(raw), ready, rearm)
-        # Take every completion now, and re-arm only afterwards: a re-arm
-        # submitted by the next enter of this loop would complete again for
-        # an fd the caller has not even seen yet.
+        # Take every completion now, and re-arm only afterwards: a poll
+        # armed by the next enter of this loop would report again an fd the
+        # caller has not even seen yet.
         while ring.more:
             self._reap(CQE.iter_unpack(ring.enter(0, 0)), ready, rearm)
         for fd, mask, trigger in rearm:
-            if trigger is Trigger.LEVEL:
-                ring.poll_add(fd, mask, self._live[fd][0])
-            else:
-                self._arm(fd, mask, trigger)
+            self._arm(fd, mask, trigger)
+        if backlog and ready:
+            # The backlog and this wait's re-check may both report an fd.
+            merged: dict[int, int] = {}
+            for fd, ev in ready:
+                merged[fd] = merged.get(fd, 0) | ev
+            return merged.items()
         return ready
 
     def _reap(
@@ -229,35 +251,54 @@ class IoUringDriver(PollMasks, Multiplexer):
         ready: list[tuple[int, int]],
         rearm: list[tuple[int, int, Trigger]],
     ) -> None:
-        live = self._live
+        polls = self._polls
+        append = ready.append
         for user_data, res, flags in completions:
-            if user_data & COMPLETION_TAG:
-                self.completions.append((user_data, res, flags))
-                self._woken = True  # poll() returns for these even without events
-                continue
-            fd = user_data & _FD_MASK
-            state = live.get(fd)
-            if state is None or state[0] != user_data:
-                if user_data & _REMOVAL:
-                    if res == -errno.EALREADY:
-                        self._remove(user_data & ~_REMOVAL)
-                elif flags & F_MORE:
-                    self._remove(user_data)  # a replaced multishot poll still alive
-                continue
-            if res < 0:
-                if res == -errno.ECANCELED:
-                    continue
-                # The request failed (the fd was closed under it): report it
-                # as readiness so that the next read or write sees the error.
-                live[fd] = (0, state[1], state[2])
-                ready.append((fd, POLLIN | POLLOUT))
-                continue
+            fd = polls.get(user_data)
+            if fd is not None and res > 0 and flags & F_MORE:
+                append((fd, res))  # a multishot poll reporting, and staying armed
+            else:
+                self._reap_other(user_data, res, flags, ready, rearm)
+
+    def _reap_other(
+        self,
+        user_data: int,
+        res: int,
+        flags: int,
+        ready: list[tuple[int, int]],
+        rearm: list[tuple[int, int, Trigger]],
+    ) -> None:
+        if user_data & COMPLETION_TAG:
+            self.completions.append((user_data, res, flags))
+            self._woken = True  # poll() returns for these even without events
+            return
+        live = self._live
+        fd = user_data & _FD_MASK
+        state = live.get(fd)
+        if state is None or state[0] != user_data:
+            if user_data & _REMOVAL:
+                if res == -errno.EALREADY:
+                    self._remove(user_data & ~_REMOVAL)
+            elif flags & F_MORE:
+                self._remove(user_data)  # a replaced multishot poll still alive
+            return
+        if res < 0:
+            if res == -errno.ECANCELED:
+                return
+            # The request failed (the fd was closed under it): report it
+            # as readiness so that the next read or write sees the error.
+            self._polls.pop(user_data, None)
+            live[fd] = (0, state[1], state[2])
+            ready.append((fd, POLLIN | POLLOUT))
+            return
+        if not flags & F_MORE:
+            self._polls.pop(user_data, None)
             trigger = state[2]
-            if trigger is Trigger.LEVEL or (trigger is Trigger.EDGE and not flags & F_MORE):
-                rearm.append((fd, state[1], trigger))
-            elif trigger is Trigger.ONESHOT:
+            if trigger is Trigger.ONESHOT:
                 live[fd] = (0, state[1], trigger)
-            ready.append((fd, res))
+            else:
+                rearm.append((fd, state[1], trigger))  # the kernel ended it
+        ready.append((fd, res))
 
     def _new_ring(self, *, single_issuer: bool) -> _uring.Ring:
         entries, cq_entries, capacity = self._sizes
@@ -280,6 +321,7 @@ class IoUringDriver(PollMasks, Multiplexer):
         old, self.ring = self.ring, self._new_ring(single_issuer=False)
         old.close()
         self._backlog.clear()
+        self._polls.clear()
         for fd, (user_data, mask, trigger) in list(self._live.items()):
             if user_data or trigger is not Trigger.ONESHOT:
                 self._arm(fd, mask, trigger)
@@ -292,8 +334,8 @@ class IoUringDriver(PollMasks, Multiplexer):
         a host waiting on the fd), moving every registration over. From then
         on registration changes are submitted at once, since the host may wait
         on this fd instead of in :meth:`poll`. Call
-        :meth:`submit` before each such wait: the level-triggered re-arms of
-        the last ``poll()`` are still queued in user space.
+        :meth:`submit` before each such wait: it submits what is queued and
+        checks again the level-triggered fds the last ``poll()`` reported.
         """
         self._check_usable()
         if "DEFER_TASKRUN" in self.ring.setup_flag_names:
@@ -304,11 +346,15 @@ class IoUringDriver(PollMasks, Multiplexer):
     def submit(self) -> None:
         """Submit queued requests now (from the thread that polls the ring)."""
         self._check_usable()
-        if self.ring.pending and self._owner in (None, threading.get_ident()):
-            self._enter_now()
+        if self._owner in (None, threading.get_ident()):
+            # Also re-check the level-triggered fds reported last time: a
+            # host waiting on fileno() sees no ring activity for an fd that
+            # merely stays ready.
+            self._enter_now(recheck=True)
         if self._backlog:
             self._waker.wake()  # see _enter_now
 
     def _close(self) -> None:
         self._live.clear()
+        self._polls.clear()
         self.ring.close()

@@ -6,10 +6,17 @@ fd silently corrupts memory. Python refuses such fds when waiting; this
 driver refuses them when registering, naming the limit. Each wait copies and
 scans every registered fd: O(registered). One-shot is emulated exactly by
 dropping the fd from the sets after one report; there is no edge trigger.
+
+select() fails as a whole with EBADF when one of its fds was closed while
+registered (poll(2) reports such an fd as POLLNVAL instead, and epoll
+forgets it). The driver then finds the closed fds and reports them as ready
+for what they were registered for, so that their owner's next call sees the
+EBADF, and goes on watching the others: one closed fd never breaks a wait.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 from collections.abc import Iterable
@@ -58,10 +65,33 @@ class SelectDriver(Multiplexer):
                 fds.discard(fd)
 
     def _wait(self, timeout: float | None) -> Iterable[tuple[int, int]]:
-        readable, writable, _ = select.select(self._readers, self._writers, (), timeout)
+        try:
+            readable, writable, _ = select.select(self._readers, self._writers, (), timeout)
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+            return self._report_closed()
         ready = dict.fromkeys(readable, _READ)
         for fd in writable:
             ready[fd] = ready.get(fd, 0) | _WRITE
+        return ready.items()
+
+    def _report_closed(self) -> Iterable[tuple[int, int]]:
+        """select() failed with EBADF: report the closed fds, and what else is ready now."""
+        closed = set()
+        for fd in self._readers | self._writers:
+            try:
+                os.fstat(fd)
+            except OSError:
+                closed.add(fd)
+        ready = {fd: (_READ | _WRITE) for fd in closed}
+        readers, writers = self._readers - closed, self._writers - closed
+        if readers or writers:
+            readable, writable, _ = select.select(readers, writers, (), 0)
+            for fd in readable:
+                ready[fd] = _READ
+            for fd in writable:
+                ready[fd] = ready.get(fd, 0) | _WRITE
         return ready.items()
 
     def _close(self) -> None:

@@ -127,6 +127,20 @@ def load_driver(spec: str) -> type[Multiplexer]:
     return obj
 
 
+def _shadow_hint(exc: Exception) -> str:
+    """Explain a missing ``iomux.drivers`` when a source checkout shadows the install."""
+    if not isinstance(exc, ModuleNotFoundError) or exc.name != "iomux.drivers":
+        return ""
+    package = Path(__file__).resolve().parent
+    if not (package.parent / "drivers" / "__init__.py").is_file():
+        return ""
+    return (
+        f" (iomux is imported from the source checkout {package.parent}, whose drivers/ "
+        "is only mapped to iomux.drivers by an install: run `pip install -e .` there, "
+        "or run Python from another directory)"
+    )
+
+
 _probe_cache: dict[str, BackendInfo] = {}
 
 
@@ -141,7 +155,7 @@ def backend_info(name: str) -> BackendInfo:
     try:
         driver = load_driver(spec)
     except Exception as exc:  # any import failure makes it unavailable
-        info = BackendInfo(name, False, f"cannot load {spec}: {exc}", origin)
+        info = BackendInfo(name, False, f"cannot load {spec}: {exc}{_shadow_hint(exc)}", origin)
     else:
         try:
             reason = driver.probe()

@@ -17,6 +17,8 @@ from .registry import open_multiplexer
 
 
 class _KeyMap(Mapping[Any, selectors.SelectorKey]):
+    """The file-to-key mapping of a Selector; empty once the selector is closed."""
+
     def __init__(self, selector: Selector) -> None:
         self._selector = selector
 
@@ -24,7 +26,7 @@ class _KeyMap(Mapping[Any, selectors.SelectorKey]):
         return len(self._selector._keys)
 
     def __getitem__(self, fileobj: Any) -> selectors.SelectorKey:
-        return self._selector._keys[self._selector._mux[fileobj].fd]
+        return self._selector._key_of(fileobj)
 
     def __iter__(self) -> Any:
         return iter(self._selector._keys)
@@ -88,6 +90,12 @@ class Selector(selectors.BaseSelector):
             if key is not None:
                 ready.append((key, int(mask) & key.events))
         return ready
+
+    def _key_of(self, fileobj: Any) -> selectors.SelectorKey:
+        """The key of ``fileobj``; KeyError if it is not registered (or the selector closed)."""
+        if self._mux.closed:
+            raise KeyError(f"{fileobj!r} is not registered (the selector is closed)")
+        return self._keys[self._mux[fileobj].fd]
 
     def get_key(self, fileobj: Any) -> selectors.SelectorKey:
         """Return the key of ``fileobj``; KeyError if it is not registered."""

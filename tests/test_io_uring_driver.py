@@ -94,8 +94,35 @@ def test_registrations_are_batched_into_the_next_poll(uring: IoUringDriver) -> N
             uring.register(a, Interest.WRITE)
         assert uring.ring.pending == 50  # queued in user space, no system call yet
         assert len(uring.poll(0)) == 50
-        assert uring.ring.pending == 50  # the level re-arms, for the next enter
+        assert uring.ring.pending == 0  # level polls stay armed: nothing to re-arm
+        # Still writable: the next wait checks the 50 again and reports them.
+        assert len(uring.poll(0)) == 50
+        assert uring.ring.pending == 0
     finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def test_level_fds_beyond_one_copy_out_are_all_reported_in_turn() -> None:
+    # 40 always-writable fds, at most 16 completions per enter: each wait
+    # reports some, and no fd waits more than a few waits for its turn.
+    mux = IoUringDriver(capacity=16)
+    pairs = [socket.socketpair() for _ in range(40)]
+    try:
+        for a, _ in pairs:
+            mux.register(a, Interest.WRITE)
+        wanted = {a.fileno() for a, _ in pairs}
+        seen_per_wait = []
+        for _ in range(12):
+            fds = [e.fd for e in mux.poll(0)]
+            assert len(fds) == len(set(fds)), "an fd was reported twice in one wait"
+            seen_per_wait.append(set(fds))
+        for start in range(0, 12 - 4):
+            window = set().union(*seen_per_wait[start : start + 4])
+            assert window == wanted, f"not reported within 4 waits: {wanted - window}"
+    finally:
+        mux.close()
         for a, b in pairs:
             a.close()
             b.close()

@@ -6,6 +6,7 @@ import asyncio
 import selectors
 import socket
 import sys
+from typing import Any
 
 import pytest
 
@@ -50,6 +51,34 @@ def test_selector_contract(sel: iomux.Selector) -> None:
     assert sel.get_map() is None
     with pytest.raises(RuntimeError):
         sel.get_key(a)
+
+
+@pytest.fixture(params=["iomux", "stdlib"])
+def any_selector(request: pytest.FixtureRequest, driver: type[iomux.Multiplexer]) -> Any:
+    """iomux.Selector on the driver, and the standard library's selector to compare with."""
+    if request.param == "iomux":
+        return iomux.Selector(driver())
+    return selectors.DefaultSelector()
+
+
+def test_map_taken_before_close_behaves_as_empty(any_selector: Any) -> None:
+    sel = any_selector
+    a, b = socket.socketpair()
+    with a, b:
+        key = sel.register(a, selectors.EVENT_READ, "d")
+        mapping = sel.get_map()
+        assert mapping[a] is key and mapping.get(a) is key and len(mapping) == 1
+        sel.close()
+        assert sel.get_map() is None
+        with pytest.raises(RuntimeError):
+            sel.get_key(a)
+        with pytest.raises(KeyError):
+            mapping[a]
+        with pytest.raises(KeyError):
+            mapping[a.fileno()]
+        assert mapping.get(a) is None
+        assert len(mapping) == 0 and list(mapping) == []
+        assert a not in mapping
 
 
 async def _echo_roundtrip() -> bytes:

@@ -86,6 +86,8 @@ def completion_unsupported(mux: Multiplexer) -> str | None:
     """Why the completion strategy cannot run on ``mux``, or None if it can."""
     if not mux.capabilities.completion:
         return f"the {mux.name} driver declares no capability completion"
+    if uring is None:
+        return "the io_uring layer (iomux.drivers) cannot be imported"
     if not isinstance(getattr(mux, "ring", None), uring.Ring) or not hasattr(mux, "completions"):
         return f"the {mux.name} driver has no io_uring ring to queue operations on"
     release = os.uname().release.split("-", 1)[0].split(".")

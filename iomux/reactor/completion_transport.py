@@ -45,12 +45,19 @@ if TYPE_CHECKING:
 
 # The io_uring layer, imported by name: the drivers are a package of their
 # own (iomux.drivers), which iomux itself only loads through the registry.
-uring: Any = importlib.import_module("iomux.drivers._uring")
-F_MORE: int = uring.F_MORE
-F_BUFFER: int = uring.F_BUFFER
-BUFFER_SHIFT: int = uring.BUFFER_SHIFT
-# The guard poll: the peer ended its side or the connection broke.
-_ENDED = uring.POLLRDHUP | uring.POLLERR | uring.POLLHUP
+# Without the drivers (a source checkout imported without being installed)
+# the completion strategy is unavailable, but the reactor still imports.
+uring: Any
+try:
+    uring = importlib.import_module("iomux.drivers._uring")
+except ImportError:
+    uring = None
+F_MORE = 2  # IORING_CQE_F_MORE
+F_BUFFER = 1  # IORING_CQE_F_BUFFER
+BUFFER_SHIFT = 16  # IORING_CQE_BUFFER_SHIFT
+# The guard poll: the peer ended its side or the connection broke
+# (POLLRDHUP | POLLERR | POLLHUP).
+_ENDED = 0x2000 | 0x8 | 0x10
 
 # user_data layout: COMPLETION_TAG | ident << KIND_BITS | kind.
 KIND_BITS = 3
