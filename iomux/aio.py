@@ -24,8 +24,14 @@ T = TypeVar("T")
 
 
 def new_event_loop(backend: str | None = None, **options: Any) -> asyncio.AbstractEventLoop:
-    """Return a new asyncio event loop running on ``backend`` (see ``open_multiplexer``)."""
-    return asyncio.SelectorEventLoop(Selector(backend, **options))
+    """Return a new asyncio event loop running on ``backend`` (see ``open_multiplexer``).
+
+    The loop's ``backend`` attribute names the backend it runs on.
+    """
+    selector = Selector(backend, **options)
+    loop = asyncio.SelectorEventLoop(selector)
+    loop.backend = selector.backend  # type: ignore[attr-defined]
+    return loop
 
 
 def run(
