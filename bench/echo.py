@@ -1,5 +1,10 @@
-"""Echo server comparison: iomux reactor per backend against asyncio and uvloop.
+"""Echo server comparison: iomux reactor and asyncio loops per backend, against peers.
 
+The servers: ``iomux serve echo`` per backend; an asyncio Protocol echo server
+and an asyncio streams echo server (``bench/aio_echo.py``) on
+``iomux.new_event_loop(backend)`` per backend (``aio-iomux-BACKEND``,
+``streams-iomux-BACKEND``); the same two on stock asyncio, uvloop and rloop
+(``asyncio``, ``uvloop``, ``rloop``, ``streams-asyncio``, ...) as peers.
 A fresh server process per run, pinned to CPU 0 (under ``nice -n -10`` when
 allowed); the C load generator on CPU 1, closed loop, 64-byte messages.
 Runs are interleaved (repeat 1: c=1 A B C, c=10 A B C, ...; repeat 2: ...)
@@ -133,8 +138,10 @@ def describe(result: dict[str, Any]) -> str:
 
 
 def pick_specs(app: str, args: argparse.Namespace) -> tuple[list[ServerSpec], list[str]]:
-    """The servers selected on the command line."""
-    specs, notes = server_specs(app, args.backend, peers=not args.no_peers, malloc=args.malloc)
+    """The servers selected on the command line (``app`` is "echo" or "http")."""
+    specs, notes = server_specs(
+        app, args.backend, peers=not args.no_peers, malloc=args.malloc, loops=True
+    )
     if args.server:
         specs = [s for s in specs if s.name in args.server]
     return specs, notes
@@ -232,9 +239,13 @@ def add_server_options(p: argparse.ArgumentParser, conns_help: str) -> None:
         "--server",
         action="append",
         default=[],
-        help="only this server, e.g. asyncio or iomux-epoll (repeatable)",
+        help="only this server, e.g. asyncio, iomux-epoll or streams-iomux-io_uring (repeatable)",
     )
-    p.add_argument("--no-peers", action="store_true", help="leave out asyncio and uvloop")
+    p.add_argument(
+        "--no-peers",
+        action="store_true",
+        help="leave out the peers (asyncio, uvloop, rloop, uvicorn on those); keep iomux's",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin server and client to CPUs")
     p.add_argument(
         "--client-mode",
@@ -258,7 +269,9 @@ def add_malloc_option(p: argparse.ArgumentParser, default: str) -> None:
 
 def add_parser(sub: Any) -> None:
     """Add ``echo`` to the ``bench`` subcommands."""
-    p = sub.add_parser("echo", help="echo servers: iomux per backend vs asyncio and uvloop")
+    p = sub.add_parser(
+        "echo", help="echo servers: iomux reactor and loop per backend vs asyncio, uvloop, rloop"
+    )
     add_server_options(p, "comma-separated connection counts (default 1,10,100,1000)")
     p.add_argument("--depth", type=int, default=1, help="requests in flight per connection")
     p.add_argument(

@@ -1,8 +1,12 @@
-"""HTTP/1.1 keep-alive hello world: ``iomux serve http`` per backend vs asyncio/uvloop.
+"""HTTP/1.1 keep-alive hello world: ``iomux serve http`` and uvicorn per backend vs peers.
 
 The peers are the same app on asyncio and uvloop with httptools
-(``bench/aio_http.py``). The client is ``wrk`` when installed (``-t1 --latency``),
-else the C load generator's HTTP mode; ``--client`` picks one.
+(``bench/aio_http.py``), and uvicorn + httptools serving a hello-world ASGI app
+(``bench/asgi_hello.py``) with ``--loop uvloop`` and ``--loop asyncio``; uvicorn
+also runs with ``--loop iomux:new_event_loop`` and ``IOMUX_BACKEND`` per backend
+(``uvicorn-iomux-BACKEND``), compared with ``uvicorn-uvloop`` in the same run.
+The client is ``wrk`` when installed (``-t1 --latency``), else the C load
+generator's HTTP mode; ``--client`` picks one.
 """
 
 from __future__ import annotations
@@ -163,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
         f"`{command}`\n\n",
         facts_line(facts),
         f"\nClient: {client_text}. Server pinned to CPU {SERVER_CPU}, client to CPU {LOAD_CPU}: "
-        f"{'yes' if cfg.pin else 'no'}. Peers: asyncio/uvloop + httptools. Median of "
+        f"{'yes' if cfg.pin else 'no'}. Peers: asyncio/uvloop + httptools; uvicorn + "
+        "httptools on uvloop/asyncio (`uvicorn-iomux-*`: uvicorn on iomux's loop). Median of "
         f"{repeats}. glibc malloc: {args.malloc}.\n\n",
         metric_tables(summary, names, conns, METRICS),
         busy_table(summary, names, conns),
@@ -222,7 +227,9 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """Add ``http`` to the ``bench`` subcommands."""
-    p = sub.add_parser("http", help="HTTP keep-alive: iomux serve http vs asyncio/uvloop")
+    p = sub.add_parser(
+        "http", help="HTTP keep-alive: iomux serve http and uvicorn per backend vs asyncio/uvloop"
+    )
     add_server_options(p, "comma-separated connection counts (default 100)")
     p.add_argument(
         "--client",

@@ -9,6 +9,9 @@ from typing import Any
 from .common import progress
 
 Series = Mapping[str, Sequence[tuple[float, float | None]]]
+#: matplotlib's default cycle has 10 colours; past them, lines change style.
+COLORS = 10
+LINE_STYLES = ("-", "--", ":", "-.")
 
 
 def _pyplot() -> Any:
@@ -43,12 +46,13 @@ def line_plot(
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     logs = [logy] * len(panels) if isinstance(logy, bool) else list(logy)
     for ax, log, (ylabel, subtitle, series) in zip(axes[0], logs, panels, strict=True):
-        for name, points in series.items():
+        for i, (name, points) in enumerate(series.items()):
             kept = [(x, y) for x, y in points if y is not None]
             if not kept:
                 continue
             xs, ys = zip(*kept, strict=True)
-            ax.plot(xs, ys, marker="o", label=name)
+            style = LINE_STYLES[i // COLORS % len(LINE_STYLES)]
+            ax.plot(xs, ys, marker="o", linestyle=style, label=name)
         if logx:
             ax.set_xscale("log")
         if log:

@@ -8,7 +8,12 @@ from typing import Any
 from .common import fmt, median, ratio, table
 from .contention import RETRY_ABOVE
 
-BASES = ("asyncio", "uvloop")
+BASES = ("asyncio", "uvloop", "rloop")
+#: Name prefixes of server families: a ``streams-*`` row is compared with
+#: ``streams-asyncio`` / ``streams-uvloop`` / ``streams-rloop``, a ``uvicorn-*`` row
+#: with ``uvicorn-asyncio`` / ``uvicorn-uvloop``; every other row with ``asyncio`` /
+#: ``uvloop`` / ``rloop`` (the Protocol peers).
+FAMILIES = ("streams-", "uvicorn-")
 #: The metrics every server run reports, with their table titles.
 METRICS = (
     ("rps", "Throughput, req/s (higher is better)"),
@@ -50,8 +55,14 @@ def summarize(runs: Sequence[dict[str, Any]], keys: Sequence[str]) -> Summary:
     return out
 
 
+def family(server: str) -> str:
+    """The family prefix of ``server`` ("" for the Protocol servers): see :data:`FAMILIES`."""
+    return next((p for p in FAMILIES if server.startswith(p)), "")
+
+
 def _cell(summary: Summary, server: str, conns: int, key: str, bases: list[str]) -> str:
     cell = summary.get(server, {}).get(conns, {})
+    bases = [family(server) + b for b in bases]
     if cell.get("skipped"):
         return f"n/a ({cell['skipped']})"
     value = cell.get(key)
@@ -70,10 +81,28 @@ def metric_tables(
     conns: Sequence[int],
     metrics: Sequence[tuple[str, str]],
 ) -> str:
-    """One markdown table per metric, with ratios to asyncio and uvloop where measured."""
-    bases = [b for b in BASES if b in summary]
+    """One markdown table per metric, with same-run ratios to the peers that ran.
+
+    Each row is compared with the peers of its family (:data:`FAMILIES`): the
+    column note ``(x asyncio / x uvloop / x rloop)`` means ``streams-asyncio``
+    ... for a ``streams-*`` row and ``uvicorn-asyncio`` ... for a ``uvicorn-*`` row.
+    """
+    prefixes = {family(s) for s in servers}
+    bases = [b for b in BASES if any(p + b in summary for p in prefixes)]
     note = " (" + " / ".join(f"x {b}" for b in bases) + ")" if bases else ""
     parts = []
+    named = sorted(p for p in prefixes if p and any(p + b in summary for b in bases))
+    if named:
+        parts.append(
+            "Ratios are to the same-run peers of a row's family: "
+            + "; ".join(
+                f"`{p}*` rows to " + " / ".join(f"`{p}{b}`" for b in bases if p + b in summary)
+                for p in named
+            )
+            + "; other rows to "
+            + (" / ".join(f"`{b}`" for b in bases if b in summary) or "none")
+            + ". `-` = that peer did not run.\n\n"
+        )
     for key, title in metrics:
         rows = [[s, *[_cell(summary, s, c, key, bases) for c in conns]] for s in servers]
         parts.append(f"### {title}{note}\n\n")

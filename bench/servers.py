@@ -1,4 +1,4 @@
-"""The servers under test: ``iomux serve`` per backend and the asyncio/uvloop peers.
+"""The servers under test: ``iomux serve`` per backend, asyncio-loop servers and peers.
 
 Each run starts a fresh server process, pinned to the server CPU, and stops it
 with SIGTERM afterwards. CPU time and RSS are read from /proc.
@@ -42,9 +42,14 @@ def reactor_available() -> bool:
     return importlib.util.find_spec("iomux.serve") is not None
 
 
+def module_available(name: str) -> bool:
+    """Whether the top-level module ``name`` can be imported."""
+    return importlib.util.find_spec(name) is not None
+
+
 def uvloop_available() -> bool:
     """Whether uvloop can be imported."""
-    return importlib.util.find_spec("uvloop") is not None
+    return module_available("uvloop")
 
 
 @dataclass
@@ -53,7 +58,8 @@ class ServerSpec:
 
     name: str
     argv: list[str]
-    #: "iomux" for the reactor, "peer" for asyncio/uvloop.
+    #: "iomux" for the reactor, "iomux-loop" for a server on iomux.new_event_loop,
+    #: "peer" for the others (asyncio, uvloop, rloop, uvicorn on those).
     kind: str
     backend: str | None = None
     #: The backend's fd ceiling (select: FD_SETSIZE), None if only RLIMIT_NOFILE.
@@ -125,20 +131,29 @@ def server_specs(
     peers: bool = True,
     workers: int | None = None,
     malloc: str = "stock",
+    loops: bool = False,
 ) -> tuple[list[ServerSpec], list[str]]:
     """The servers to compare for ``app`` ("echo" or "http"), and notes on what is left out.
 
-    ``malloc="steady"`` runs every server with :data:`STEADY_MALLOC`.
+    ``loops=True`` adds the asyncio-loop servers: for "echo", the Protocol and
+    streams echo servers of ``bench/aio_echo.py`` on ``iomux.new_event_loop``
+    per backend and on rloop (plus streams on asyncio and uvloop); for
+    "http", uvicorn on uvloop, asyncio and ``iomux:new_event_loop`` per
+    backend (see :func:`loop_specs`). ``malloc="steady"`` runs every server
+    with :data:`STEADY_MALLOC`.
     """
     specs: list[ServerSpec] = []
     notes: list[str] = []
+    available = []
+    for info in iomux.backends():
+        if backends and info.name not in backends:
+            continue
+        if not info.available:
+            notes.append(f"iomux-{info.name}: backend unavailable ({info.reason})")
+            continue
+        available.append(info)
     if reactor_available():
-        for info in iomux.backends():
-            if backends and info.name not in backends:
-                continue
-            if not info.available:
-                notes.append(f"iomux-{info.name}: backend unavailable ({info.reason})")
-                continue
+        for info in available:
             base = [
                 sys.executable,
                 "-m",
@@ -166,6 +181,14 @@ def server_specs(
                     notes.append("iomux-io_uring-readiness: `serve --help` shows no readiness mode")
     else:
         notes.append("iomux reactor: `iomux.serve` is not in this installation yet")
+    before: list[ServerSpec] = []  # asyncio-loop servers listed before the stock peers
+    after: list[ServerSpec] = []  # ... and after them
+    if loops and workers:
+        notes.append("asyncio-loop servers: single-process, left out of --workers runs")
+    elif loops:
+        before, after, why = loop_specs(app, available, host, peers)
+        notes += why
+    specs += before
     if peers and not workers:
         module = "iomux.bench.aio_echo" if app == "echo" else "iomux.bench.aio_http"
         base = [sys.executable, "-m", module, "--host", host]
@@ -176,11 +199,113 @@ def server_specs(
             notes.append("uvloop: not installed (pip install 'iomux[bench]')")
     elif workers:
         notes.append("asyncio/uvloop: single-process servers, left out of --workers runs")
+    specs += after
     if malloc == "steady":
         tunables = os.environ.get("GLIBC_TUNABLES")
         value = f"{tunables}:{STEADY_MALLOC}" if tunables else STEADY_MALLOC
         for spec in specs:
             spec.env["GLIBC_TUNABLES"] = value
+    return specs, notes
+
+
+def loop_specs(
+    app: str, available: list[iomux.BackendInfo], host: str, peers: bool
+) -> tuple[list[ServerSpec], list[ServerSpec], list[str]]:
+    """The asyncio-loop servers for ``app`` (see :func:`server_specs`, ``loops=True``).
+
+    Returns the servers to list before the stock asyncio/uvloop peers, those to
+    list after them, and notes. Every server on iomux's loop gets its backend's
+    ``max_fd``. rloop, uvloop and uvicorn are optional: when one is missing,
+    its servers are left out with a note.
+    """
+    if app == "echo":
+        return _echo_loop_specs(available, host, peers)
+    specs, notes = _uvicorn_specs(available, host, peers)
+    return [], specs, notes
+
+
+def _max_fd(info: iomux.BackendInfo) -> int | None:
+    return info.capabilities.max_fd if info.capabilities else None
+
+
+def _echo_loop_specs(
+    available: list[iomux.BackendInfo], host: str, peers: bool
+) -> tuple[list[ServerSpec], list[ServerSpec], list[str]]:
+    notes: list[str] = []
+    base = [sys.executable, "-m", "iomux.bench.aio_echo", "--host", host]
+    has_uvloop, has_rloop = uvloop_available(), module_available("rloop")
+    if peers and not has_rloop:
+        notes.append("rloop, streams-rloop: rloop is not installed (pip install rloop)")
+    if peers and not has_uvloop:
+        notes.append("streams-uvloop: uvloop is not installed (pip install 'iomux[bench]')")
+
+    def on_iomux(prefix: str, extra: list[str]) -> list[ServerSpec]:
+        return [
+            ServerSpec(
+                f"{prefix}-iomux-{info.name}",
+                [*base, "--loop", "iomux", "--backend", info.name, *extra],
+                "iomux-loop",
+                info.name,
+                _max_fd(info),
+            )
+            for info in available
+        ]
+
+    # Protocol servers: aio-iomux-BACKEND, then (after server_specs' asyncio and
+    # uvloop) rloop; streams servers: streams-iomux-BACKEND, streams-asyncio, ...
+    before = on_iomux("aio", [])
+    after: list[ServerSpec] = []
+    if peers and has_rloop:
+        after.append(ServerSpec("rloop", [*base, "--loop", "rloop"], "peer"))
+    after += on_iomux("streams", ["--streams"])
+    if peers:
+        for loop, present in (("asyncio", True), ("uvloop", has_uvloop), ("rloop", has_rloop)):
+            if present:
+                argv = [*base, "--loop", loop, "--streams"]
+                after.append(ServerSpec(f"streams-{loop}", argv, "peer"))
+    return before, after, notes
+
+
+def _uvicorn_specs(
+    available: list[iomux.BackendInfo], host: str, peers: bool
+) -> tuple[list[ServerSpec], list[str]]:
+    if not module_available("uvicorn") or not module_available("httptools"):
+        return [], ["uvicorn: needs uvicorn and httptools (pip install uvicorn httptools)"]
+    specs: list[ServerSpec] = []
+    notes: list[str] = []
+    base = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "iomux.bench.asgi_hello:app",
+        "--http",
+        "httptools",
+        "--host",
+        host,
+        "--backlog",
+        "1024",
+        "--lifespan",
+        "on",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    for info in available:
+        spec = ServerSpec(
+            f"uvicorn-iomux-{info.name}",
+            [*base, "--loop", "iomux:new_event_loop"],
+            "iomux-loop",
+            info.name,
+            _max_fd(info),
+        )
+        spec.env.update(IOMUX_BACKEND=info.name, IOMUX_BENCH_BACKEND=info.name)
+        specs.append(spec)
+    if peers:
+        specs.append(ServerSpec("uvicorn-asyncio", [*base, "--loop", "asyncio"], "peer"))
+        if uvloop_available():
+            specs.append(ServerSpec("uvicorn-uvloop", [*base, "--loop", "uvloop"], "peer"))
+        else:
+            notes.append("uvicorn-uvloop: uvloop is not installed (pip install 'iomux[bench]')")
     return specs, notes
 
 

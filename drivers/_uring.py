@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import io
 import mmap
 import os
 import select
@@ -49,7 +50,7 @@ import socket
 import struct
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from iomux.errors import ForkedError, MultiplexerClosed
@@ -57,6 +58,7 @@ from iomux.errors import ForkedError, MultiplexerClosed
 __all__ = [
     "BUFFER_SHIFT",
     "BUILD_ERROR",
+    "COMPLETION_TAG",
     "CQE",
     "CQE_SIZE",
     "F_BUFFER",
@@ -124,6 +126,37 @@ _pack_into = RECORD.pack_into
 CQE = struct.Struct("=QiI")
 CQE_SIZE = CQE.size
 
+#: One stream record (16 bytes): kind, slot, argument.  See ``_uring_streams.c``.
+SOP = struct.Struct("=IIQ")
+#: One stream event (16 bytes): slot, kind, result, offset.
+SEV = struct.Struct("=IIiI")
+
+
+def _check_layouts() -> None:
+    """The record formats here must be the C helper's (one definition, checked both ways)."""
+    if _lib is None:
+        return
+    expected = {
+        "IOMUX_OP_SIZE": RECORD.size,
+        "IOMUX_OP_OFF_USER_DATA": struct.calcsize("=BBHiII"),
+        "IOMUX_OP_OFF_ADDR2": struct.calcsize("=BBHiIIQQ"),
+        "IOMUX_CQE_SIZE": CQE.size,
+        "IOMUX_SOP_SIZE": SOP.size,
+        "IOMUX_SEV_SIZE": SEV.size,
+        "IOMUX_SEV_OFF_KIND": struct.calcsize("=I"),
+        "IOMUX_SEV_OFF_RES": struct.calcsize("=II"),
+        "IOMUX_SEV_OFF_OFF": struct.calcsize("=IIi"),
+    }
+    wrong = {k: (int(getattr(_lib, k)), v) for k, v in expected.items() if getattr(_lib, k) != v}
+    if wrong:
+        raise ImportError(
+            f"iomux's io_uring extension does not match drivers/_uring.py (C, Python): {wrong}; "
+            "rebuild it (pip install -e . again)"
+        )
+
+
+_check_layouts()
+
 OP_NOP = _const("IOMUX_OP_NOP", 0)
 OP_POLL_ADD = _const("IOMUX_OP_POLL_ADD", 1)
 OP_POLL_MULTISHOT = _const("IOMUX_OP_POLL_MULTISHOT", 2)
@@ -137,6 +170,15 @@ OP_RECV = _const("IOMUX_OP_RECV", 9)
 OP_RECV_MULTISHOT = _const("IOMUX_OP_RECV_MULTISHOT", 10)
 OP_SEND = _const("IOMUX_OP_SEND", 11)
 OP_CLOSE = _const("IOMUX_OP_CLOSE", 12)
+OP_OPENAT = _const("IOMUX_OP_OPENAT", 13)
+OP_READ = _const("IOMUX_OP_READ", 14)
+OP_WRITE = _const("IOMUX_OP_WRITE", 15)
+OP_FSYNC = _const("IOMUX_OP_FSYNC", 16)
+OP_STATX = _const("IOMUX_OP_STATX", 17)
+OP_SPLICE = _const("IOMUX_OP_SPLICE", 18)
+#: Set in the user_data of the completion port's file operations: their
+#: completions go to the port, not to readiness.
+COMPLETION_TAG = 1 << 61
 
 #: Largest user_data a caller may use; larger values are the layer's own.
 USER_DATA_MAX = _const("IOMUX_UD_RESERVED", 0xFFFFFFFFFFFFFF00) - 1
@@ -164,6 +206,8 @@ _ST_WOKEN = _const("IOMUX_ST_WOKEN", 1)
 _ST_TIMED_OUT = _const("IOMUX_ST_TIMED_OUT", 2)
 _ST_MORE = _const("IOMUX_ST_MORE", 4)
 _ENTER_RECHECK = _const("IOMUX_ENTER_RECHECK", 1)
+_ENTER_NEW_BATCH = _const("IOMUX_ENTER_NEW_BATCH", 2)
+_ST_STREAMS_FULL = _const("IOMUX_ST_STREAMS_FULL", 8)
 #: Bits of a level-triggered poll's user_data (see :meth:`Ring.poll_level`).
 LEVEL_IN = _const("IOMUX_UD_LEVEL_IN", 1 << 56)
 LEVEL_OUT = _const("IOMUX_UD_LEVEL_OUT", 1 << 57)
@@ -179,7 +223,21 @@ _SETUP_FLAG_NAMES = (
     "R_DISABLED",
 )
 _FEATURE_NAMES = ("NODROP", "EXT_ARG", "FAST_POLL", "CQE_SKIP", "NATIVE_WORKERS")
-_PROBED_OPS = ("POLL_ADD", "POLL_REMOVE", "ASYNC_CANCEL", "ACCEPT", "SEND", "RECV", "CLOSE")
+_PROBED_OPS = (
+    "POLL_ADD",
+    "POLL_REMOVE",
+    "ASYNC_CANCEL",
+    "ACCEPT",
+    "SEND",
+    "RECV",
+    "CLOSE",
+    "OPENAT",
+    "READ",
+    "WRITE",
+    "FSYNC",
+    "STATX",
+    "SPLICE",
+)
 
 _FORCE_ENV = "IOMUX_URING_FORCE_FAIL"
 _FORCE_VALUES = ("ENOSYS", "EPERM", "disabled", "nobuild", "flags")
@@ -193,6 +251,7 @@ NOBUILD_REASON = (
 
 ReadableBuffer = bytes | bytearray | memoryview
 _EMPTY = memoryview(b"")
+_NULL: Any = _ffi.NULL if _ffi is not None else None
 
 
 class RingSetupError(OSError):
@@ -446,8 +505,9 @@ class Ring:
         self._nops = 0
         self._out = ffi.new("char[]", capacity * CQE_SIZE)
         self._outview = memoryview(ffi.buffer(self._out))
-        self._status = ffi.new("int64_t[4]")
+        self._status = ffi.new("int64_t[8]")
         self._c_enter = lib.iomux_enter
+        self._streams: StreamPort | None = None
         self._sends: dict[int, tuple[object, Any]] = {}
         self._groups: dict[int, BufferGroup] = {}
         self._dirty: list[BufferGroup] = []
@@ -784,7 +844,12 @@ class Ring:
     # --- entering the kernel -------------------------------------------
 
     def enter(
-        self, min_complete: int = 1, timeout_ns: int = -1, *, recheck: bool = False
+        self,
+        min_complete: int = 1,
+        timeout_ns: int = -1,
+        *,
+        recheck: bool = False,
+        new_batch: bool = False,
     ) -> memoryview:
         """Submit everything queued, wait, and return the completions as packed :data:`CQE`\\ s.
 
@@ -797,6 +862,12 @@ class Ring:
         With ``recheck``, every fd a level-triggered poll (:meth:`poll_level`)
         reported in an earlier call is checked again first, with one
         ``poll(2)``, and reported again if it is still ready.
+
+        With ``new_batch``, the stream port's events start anew if every
+        earlier one was handed out (:meth:`StreamPort.events`); otherwise
+        new events are added after them. Only the caller that dispatches
+        the events (the multiplexer's ``poll()``) passes it, never a call
+        made while they are being dispatched.
         """
         if not self._usable:
             raise self._unusable()
@@ -804,9 +875,22 @@ class Ring:
             self._flush_groups()
         status = self._status
         flags = _ENTER_RECHECK if recheck else 0
+        streams = self._streams
         while True:
             nops = self._nops
             status[1] = 0
+            nsops = 0
+            if streams is None:
+                sops = stage = _NULL
+                stage_len = 0
+            else:
+                if new_batch and streams._taken == streams._nev:
+                    flags |= _ENTER_NEW_BATCH
+                nsops = streams._n
+                sops = streams._ops
+                stage_len = len(streams._stage)
+                stage = _ffi.from_buffer(streams._stage) if stage_len else _NULL
+                status[3] = 0
             try:
                 n = self._c_enter(
                     self._r,
@@ -817,6 +901,10 @@ class Ring:
                     min_complete,
                     timeout_ns,
                     flags,
+                    sops,
+                    nsops,
+                    stage,
+                    stage_len,
                     status,
                 )
             except OverflowError:
@@ -830,6 +918,15 @@ class Ring:
                 # queue is trimmed even then, and nothing is submitted twice.
                 if nops and status[1]:
                     self._consumed(nops, int(status[1]))
+                if streams is not None:
+                    if stage_len:
+                        _ffi.release(stage)  # let the stage bytearray be resized again
+                    if flags & _ENTER_NEW_BATCH:
+                        streams._taken = 0
+                    streams._nev = int(status[4])
+                    if nsops:
+                        streams._consumed(nsops, int(status[3]), int(status[6]))
+            flags &= ~_ENTER_NEW_BATCH
             if n > 0:
                 return self._outview[: n * CQE_SIZE]
             if n == 0:
@@ -841,6 +938,19 @@ class Ring:
                     timeout_ns = int(status[2])
                 continue
             self._fail(-n, int(status[2]))
+
+    @property
+    def streams_full(self) -> bool:
+        """The last :meth:`enter` stopped because the stream events or data area were full."""
+        return bool(self._status[0] & _ST_STREAMS_FULL)
+
+    def stream_port(self, **options: Any) -> StreamPort:
+        """The ring's :class:`StreamPort` (made on first use; see :class:`StreamPort`)."""
+        if not self._usable:
+            raise self._unusable()
+        if self._streams is None:
+            self._streams = StreamPort(self, **options)
+        return self._streams
 
     def completions(
         self, min_complete: int = 1, timeout_ns: int = -1
@@ -1045,3 +1155,368 @@ class BufferGroup:
             _lib.iomux_bufs_free(self._ring._r if ring_alive else _ffi.NULL, self._b)
             self._b = None
             self._npending = 0
+
+
+from iomux import completion as _port  # noqa: E402
+
+_SOP_OPEN = _const("IOMUX_SOP_OPEN", 1)
+_SOP_READ = _const("IOMUX_SOP_READ", 2)
+_SOP_PAUSE = _const("IOMUX_SOP_PAUSE", 3)
+_SOP_SEND = _const("IOMUX_SOP_SEND", 4)
+_SOP_SHUT_WR = _const("IOMUX_SOP_SHUT_WR", 5)
+_SOP_CLOSE = _const("IOMUX_SOP_CLOSE", 6)
+_SOP_NOTIFY = _const("IOMUX_SOP_NOTIFY", 7)
+_SOP_LISTEN = _const("IOMUX_SOP_LISTEN", 8)
+_sop_pack = SOP.pack_into
+_sev_iter = SEV.iter_unpack
+AT_FDCWD = -100
+_FSYNC_DATASYNC = 1  # IORING_FSYNC_DATASYNC
+_CData: Any = _ffi.CData if _ffi is not None else type(None)
+
+
+def _check_event_kinds() -> None:
+    if _lib is None:
+        return
+    for name in ("DATA", "EOF", "ERROR", "SENT", "DRAINED", "CLOSED", "ACCEPTED", "ACCEPT_END"):
+        if int(getattr(_lib, "IOMUX_SEV_" + name)) != getattr(_port, name):
+            raise ImportError(f"iomux.completion.{name} differs from the C helper's event kind")
+
+
+_check_event_kinds()
+
+
+class StreamPort(_port.CompletionPort):
+    """The ring's :class:`iomux.completion.CompletionPort` (see ``_uring_streams.c``).
+
+    Requests are 16-byte records queued here and handed to the C helper by
+    the ring's next :meth:`Ring.enter`, with the bytes of every ``send`` in
+    one stage buffer; receives pick ``buffers`` provided buffers of
+    ``buffer_size`` bytes, whose bytes the helper copies into a data area of
+    ``data_size`` bytes (at most that much is received per enter) and gives
+    back at once. ``guard`` arms a poll per connection that restarts a
+    receive that missed the peer's end (a kernel race).
+    """
+
+    GROUP_ID = 0x1F1
+
+    def __init__(
+        self,
+        ring: Ring,
+        *,
+        buffers: int = 512,
+        buffer_size: int = 4096,
+        events: int = 4096,
+        data_size: int = 1 << 20,
+        guard: bool = True,
+        submitter: Callable[[], None] | None = None,
+    ) -> None:
+        self._ring = ring
+        self._submitter = submitter
+        self._ev = _ffi.new("char[]", events * SEV.size)
+        self._evview = memoryview(_ffi.buffer(self._ev))
+        self._data = _ffi.new("char[]", data_size)
+        #: The data area; slicing it gives bytes.
+        self.data = _ffi.buffer(self._data)
+        err = _ffi.new("int *")
+        handle = _lib.iomux_streams_new(
+            ring._r,
+            buffers,
+            buffer_size,
+            self.GROUP_ID,
+            self._ev,
+            events,
+            self._data,
+            data_size,
+            1 if guard else 0,
+            err,
+        )
+        if handle == _ffi.NULL:
+            raise OSError(err[0], f"setting up stream connections: {os.strerror(err[0])}")
+        self._cap = 256
+        self._ops = _ffi.new("char[]", self._cap * SOP.size)
+        self._opsview = memoryview(_ffi.buffer(self._ops))
+        self._n = 0
+        self._stage = bytearray()
+        self._nev = 0  # events in the C array (set by Ring.enter)
+        self._taken = 0  # of those, handed out by events()
+        self._free: list[int] = []
+        self._next_slot = 0
+        self._sent = _lib.iomux_stream_sent
+        self._r = ring._r
+        # File operations in the kernel: request id -> (callback, what to keep alive).
+        self._calls: dict[int, tuple[Callable[[int], object], Any]] = {}
+        self._done: list[tuple[tuple[Callable[[int], object], Any], int]] = []
+        self._next_req = 1
+        supported = ring.info()["ops"]
+        #: The file operations this kernel's io_uring has (names as IORING_OP_*).
+        self.file_ops: frozenset[str] = frozenset(
+            name
+            for name in ("OPENAT", "READ", "WRITE", "FSYNC", "STATX", "CLOSE", "SPLICE")
+            if supported.get(name)  # type: ignore[attr-defined]
+        )
+
+    def _push(self, kind: int, slot: int, arg: int) -> None:
+        n = self._n
+        if n == self._cap:
+            self._grow()
+        _sop_pack(self._opsview, n * 16, kind, slot, arg)
+        self._n = n + 1
+
+    def _grow(self) -> None:
+        cap = self._cap * 2
+        ops = _ffi.new("char[]", cap * SOP.size)
+        _ffi.memmove(ops, self._ops, self._n * SOP.size)
+        self._ops, self._opsview, self._cap = ops, memoryview(_ffi.buffer(ops)), cap
+
+    def _consumed(self, nsops: int, done: int, stage_used: int) -> None:
+        """The C helper took ``done`` of ``nsops`` records and ``stage_used`` stage bytes."""
+        if done >= nsops:
+            self._n = 0
+            self._stage.clear()
+            return
+        rest = bytes(self._opsview[done * 16 : nsops * 16])
+        self._opsview[: len(rest)] = rest
+        self._n = nsops - done
+        del self._stage[:stage_used]
+
+    def _slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        slot = self._next_slot
+        self._next_slot = slot + 1
+        return slot
+
+    # -- CompletionPort -------------------------------------------------------------
+
+    def open(self, fd: int) -> int:
+        """Take a connected socket's fd; return its slot."""
+        slot = self._slot()
+        self._push(_SOP_OPEN, slot, fd)
+        return slot
+
+    def listen(self, fd: int) -> int:
+        """Accept on a listening socket's fd; return its slot."""
+        slot = self._slot()
+        self._push(_SOP_LISTEN, slot, fd)
+        return slot
+
+    def accept(self, slot: int, fd: int) -> None:
+        """Accept again on listener ``slot`` (of ``fd``) after its ACCEPT_END."""
+        self._push(_SOP_LISTEN, slot, fd)
+
+    def read(self, slot: int) -> None:
+        """Receive on ``slot`` (again)."""
+        self._push(_SOP_READ, slot, 0)
+
+    def pause(self, slot: int) -> None:
+        """Stop receiving on ``slot``."""
+        self._push(_SOP_PAUSE, slot, 0)
+
+    def send(self, slot: int, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` (bytes, or a byte-format buffer) on ``slot``."""
+        self._stage += data
+        n = self._n
+        if n == self._cap:
+            self._grow()
+        _sop_pack(self._opsview, n * 16, _SOP_SEND, slot, len(data))
+        self._n = n + 1
+
+    def shutdown_write(self, slot: int) -> None:
+        """Shut down ``slot``'s sending side once everything is sent."""
+        self._push(_SOP_SHUT_WR, slot, 0)
+
+    def close(self, slot: int, *, abort: bool = False) -> None:
+        """End ``slot`` (see :class:`iomux.completion.CompletionPort`)."""
+        self._push(_SOP_CLOSE, slot, 1 if abort else 0)
+
+    def notify_sent(self, slot: int, total: int) -> None:
+        """Report SENT once the bytes sent on ``slot`` reach ``total``."""
+        self._push(_SOP_NOTIFY, slot, total)
+
+    def sent(self, slot: int) -> int:
+        """The total bytes the kernel confirmed sending on ``slot``."""
+        return int(self._sent(self._r, slot))
+
+    def free(self, slot: int) -> None:
+        """A CLOSED slot is no longer used by the caller: it may be given out again."""
+        self._free.append(slot)
+
+    def events(self) -> tuple[Iterable[tuple[int, int, int, int]], Any]:
+        """The events since the last call, and the data area (valid until the next poll)."""
+        taken, nev = self._taken, self._nev
+        self._taken = nev
+        if taken == nev:
+            return (), self.data
+        return _sev_iter(self._evview[taken * 16 : nev * 16]), self.data
+
+    # -- file operations ----------------------------------------------------------
+
+    def _file_op(
+        self,
+        name: str,
+        op: int,
+        fd: int,
+        done: Callable[[int], object],
+        keep: Any = None,
+        *,
+        arg: int = 0,
+        arg2: int = 0,
+        addr: int = 0,
+        addr2: int = 0,
+        group: int = 0,
+    ) -> None:
+        if name not in self.file_ops:
+            raise io.UnsupportedOperation(f"this kernel's io_uring has no {name} operation")
+        req = self._next_req
+        self._next_req = req % 0xFFFFFFFF + 1
+        self._calls[req] = (done, keep)
+        try:
+            self._ring._push(op, 0, group, fd, arg, arg2, COMPLETION_TAG | req, addr, addr2)
+        except BaseException:
+            del self._calls[req]
+            raise
+
+    def _op_done(self, user_data: int, res: int) -> None:
+        call = self._calls.pop(user_data & 0xFFFFFFFF, None)
+        if call is not None:
+            self._done.append((call, res))
+
+    def run_done(self) -> None:
+        """Call the callbacks of the file operations that completed, in order."""
+        done, self._done = self._done, []
+        for (callback, keep), res in done:
+            if keep is not None:
+                for item in keep:
+                    if isinstance(item, _CData):
+                        _ffi.release(item)
+            callback(res)
+
+    def _buffer(self, buffer: Any, *, writable: bool) -> tuple[Any, int, int]:
+        cdata = _ffi.from_buffer(buffer, require_writable=writable)
+        return cdata, int(_ffi.cast("uintptr_t", cdata)), len(cdata)
+
+    def open_file(
+        self,
+        path: bytes,
+        flags: int,
+        mode: int,
+        done: Callable[[int], object],
+        *,
+        dir_fd: int = AT_FDCWD,
+    ) -> None:
+        """Open ``path`` (bytes); ``done(fd or -errno)``."""
+        cpath = _ffi.new("char[]", path)
+        self._file_op(
+            "OPENAT",
+            OP_OPENAT,
+            dir_fd,
+            done,
+            (cpath,),
+            arg=flags,
+            arg2=mode,
+            addr=int(_ffi.cast("uintptr_t", cpath)),
+        )
+
+    def read_file(self, fd: int, buffer: Any, offset: int, done: Callable[[int], object]) -> None:
+        """Read into ``buffer`` from ``offset`` (-1: the file position); ``done(n or -errno)``."""
+        cdata, addr, length = self._buffer(buffer, writable=True)
+        self._file_op(
+            "READ",
+            OP_READ,
+            fd,
+            done,
+            (buffer, cdata),
+            arg2=min(length, 1 << 30),
+            addr=addr,
+            addr2=offset & 0xFFFFFFFFFFFFFFFF,
+        )
+
+    def write_file(self, fd: int, data: Any, offset: int, done: Callable[[int], object]) -> None:
+        """Write ``data`` at ``offset`` (-1: the file position); ``done(n or -errno)``."""
+        cdata, addr, length = self._buffer(data, writable=False)
+        self._file_op(
+            "WRITE",
+            OP_WRITE,
+            fd,
+            done,
+            (data, cdata),
+            arg2=min(length, 1 << 30),
+            addr=addr,
+            addr2=offset & 0xFFFFFFFFFFFFFFFF,
+        )
+
+    def fsync_file(self, fd: int, done: Callable[[int], object], *, datasync: bool = False) -> None:
+        """Flush ``fd`` to storage; ``done(0 or -errno)``."""
+        self._file_op("FSYNC", OP_FSYNC, fd, done, arg=_FSYNC_DATASYNC if datasync else 0)
+
+    def statx_file(
+        self,
+        path: bytes,
+        flags: int,
+        mask: int,
+        buffer: Any,
+        done: Callable[[int], object],
+        *,
+        dir_fd: int = AT_FDCWD,
+    ) -> None:
+        """``statx(2)`` of ``path`` into ``buffer`` (256 bytes); ``done(0 or -errno)``."""
+        cpath = _ffi.new("char[]", path)
+        cdata, addr, length = self._buffer(buffer, writable=True)
+        if length < 256:
+            _ffi.release(cdata)
+            raise ValueError("a statx buffer needs 256 bytes")
+        self._file_op(
+            "STATX",
+            OP_STATX,
+            dir_fd,
+            done,
+            (cpath, buffer, cdata),
+            arg=flags,
+            arg2=mask,
+            addr=int(_ffi.cast("uintptr_t", cpath)),
+            addr2=addr,
+        )
+
+    def close_file(self, fd: int, done: Callable[[int], object]) -> None:
+        """Close ``fd`` in the kernel; ``done(0 or -errno)``."""
+        self._file_op("CLOSE", OP_CLOSE, fd, done)
+
+    def splice(
+        self,
+        fd_in: int,
+        off_in: int,
+        fd_out: int,
+        off_out: int,
+        length: int,
+        done: Callable[[int], object],
+        *,
+        flags: int = 0,
+    ) -> None:
+        """Move ``length`` bytes from ``fd_in`` to ``fd_out`` (one must be a pipe;
+        offset -1: none); ``done(n or -errno)``."""
+        self._file_op(
+            "SPLICE",
+            OP_SPLICE,
+            fd_in,
+            done,
+            arg=fd_out,
+            arg2=min(length, 1 << 30),
+            addr=off_in & 0xFFFFFFFFFFFFFFFF,
+            addr2=off_out & 0xFFFFFFFFFFFFFFFF,
+            group=flags & 0xFFFF,
+        )
+
+    @property
+    def used(self) -> bool:
+        """Whether a slot was ever given out."""
+        return self._next_slot > 0
+
+    @property
+    def pending(self) -> bool:
+        """Whether events (or file operations' results) are waiting to be handled."""
+        return self._taken != self._nev or bool(self._done)
+
+    def submit(self) -> None:
+        """Hand queued records to the kernel now (through the driver that owns the ring)."""
+        if self._n and self._submitter is not None:
+            self._submitter()

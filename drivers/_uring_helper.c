@@ -12,11 +12,13 @@
  */
 #include <errno.h>
 #include <poll.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -55,7 +57,16 @@ enum {
     IOMUX_OP_RECV_MULTISHOT = 10, /* fd, buf_group, arg = msg flags */
     IOMUX_OP_SEND = 11,           /* fd, addr = buffer, arg2 = length, arg = msg flags */
     IOMUX_OP_CLOSE = 12,          /* fd */
-    IOMUX_OP_COUNT = 13
+    IOMUX_OP_OPENAT = 13,         /* fd = dir fd, addr = path, arg = flags, arg2 = mode */
+    IOMUX_OP_READ = 14,           /* fd, addr = buffer, arg2 = length, addr2 = offset */
+    IOMUX_OP_WRITE = 15,          /* fd, addr = buffer, arg2 = length, addr2 = offset */
+    IOMUX_OP_FSYNC = 16,          /* fd, arg = IORING_FSYNC_* flags */
+    IOMUX_OP_STATX = 17,          /* fd = dir fd, addr = path, addr2 = struct statx,
+                                     arg = AT_* flags, arg2 = STATX_* mask */
+    IOMUX_OP_SPLICE = 18,         /* fd = in, arg = out fd, arg2 = length,
+                                     addr = in offset, addr2 = out offset (-1: none),
+                                     buf_group = SPLICE_F_* flags */
+    IOMUX_OP_COUNT = 19
 };
 
 /* One operation record, 40 bytes, packed by Python as "=BBHiIIQQQ". */
@@ -78,6 +89,18 @@ struct iomux_cqe {
     uint32_t flags;
 };
 
+/* The layouts Python packs and unpacks (drivers/_uring.py checks them at import). */
+#define IOMUX_OP_SIZE sizeof(struct iomux_op)
+#define IOMUX_OP_OFF_USER_DATA offsetof(struct iomux_op, user_data)
+#define IOMUX_OP_OFF_ADDR2 offsetof(struct iomux_op, addr2)
+#define IOMUX_CQE_SIZE sizeof(struct iomux_cqe)
+_Static_assert(sizeof(struct iomux_op) == 40 && offsetof(struct iomux_op, fd) == 4 &&
+                   offsetof(struct iomux_op, user_data) == 16 &&
+                   offsetof(struct iomux_op, addr2) == 32,
+               "operation records are \"=BBHiIIQQQ\"");
+_Static_assert(sizeof(struct iomux_cqe) == 16 && offsetof(struct iomux_cqe, res) == 8,
+               "completions are \"=QiI\"");
+
 /* user_data values at or above this are the helper's own (liburing also
  * reserves (__u64)-1 for the internal timeout of old kernels); such
  * completions are consumed here and never copied out. */
@@ -97,12 +120,14 @@ struct iomux_cqe {
 #define IOMUX_UD_LEVEL (IOMUX_UD_LEVEL_IN | IOMUX_UD_LEVEL_OUT)
 
 /* Flags of iomux_enter(). */
-#define IOMUX_ENTER_RECHECK 1 /* re-check the level polls reported last time */
+#define IOMUX_ENTER_RECHECK 1   /* re-check the level polls reported last time */
+#define IOMUX_ENTER_NEW_BATCH 2 /* the caller handled the stream events: start anew */
 
 /* Bits of status[0] after iomux_enter(). */
 #define IOMUX_ST_WOKEN 1     /* a wake-up (eventfd write) was consumed */
 #define IOMUX_ST_TIMED_OUT 2 /* the wait ran to its deadline */
 #define IOMUX_ST_MORE 4      /* more completions are ready than fitted */
+#define IOMUX_ST_STREAMS_FULL 8 /* the stream events or data area are full */
 
 /* A wait with no deadline is done in slices of this length. */
 #define IOMUX_WAIT_SLICE_NS (3600LL * 1000000000LL)
@@ -114,8 +139,11 @@ struct iomux_level {
     uint8_t hot;        /* in the list of fds to re-check */
 };
 
+typedef struct iomux_streams iomux_streams;
+
 typedef struct iomux_ring {
     struct io_uring ring;
+    iomux_streams *streams;    /* the event loop's stream connections, or NULL */
     struct iomux_level *level; /* indexed by fd, nlevel entries */
     unsigned nlevel;
     int *hot, *hot_next;       /* fds to re-check, this and the next call */
@@ -294,6 +322,27 @@ static void prep_op(struct io_uring_sqe *sqe, const struct iomux_op *op)
     case IOMUX_OP_CLOSE:
         io_uring_prep_close(sqe, op->fd);
         break;
+    case IOMUX_OP_OPENAT:
+        io_uring_prep_openat(sqe, op->fd, (const char *)(uintptr_t)op->addr, (int)op->arg,
+                             (mode_t)op->arg2);
+        break;
+    case IOMUX_OP_READ:
+        io_uring_prep_read(sqe, op->fd, (void *)(uintptr_t)op->addr, op->arg2, op->addr2);
+        break;
+    case IOMUX_OP_WRITE:
+        io_uring_prep_write(sqe, op->fd, (const void *)(uintptr_t)op->addr, op->arg2, op->addr2);
+        break;
+    case IOMUX_OP_FSYNC:
+        io_uring_prep_fsync(sqe, op->fd, op->arg);
+        break;
+    case IOMUX_OP_STATX:
+        io_uring_prep_statx(sqe, op->fd, (const char *)(uintptr_t)op->addr, (int)op->arg,
+                            op->arg2, (struct statx *)(uintptr_t)op->addr2);
+        break;
+    case IOMUX_OP_SPLICE:
+        io_uring_prep_splice(sqe, op->fd, (int64_t)op->addr, (int)op->arg, (int64_t)op->addr2,
+                             op->arg2, op->buf_group);
+        break;
     }
     sqe->flags |= op->sqe_flags;
     io_uring_sqe_set_data64(sqe, op->user_data);
@@ -347,6 +396,8 @@ static int hot_reserve(iomux_ring *r, unsigned n)
     r->hotcap = cap;
     return 0;
 }
+
+#include "_uring_streams.c"
 
 /* A level poll reported fd: re-check it at the next call. */
 static void level_reported(iomux_ring *r, struct iomux_level *slot, int fd, uint64_t ud)
@@ -488,10 +539,22 @@ static unsigned copy_out(iomux_ring *r, struct iomux_cqe *out, unsigned cap, int
 {
     struct io_uring_cqe *cqe;
     unsigned n = 0, head, seen;
+    int stopped = 0;
 
     for (;;) {
         seen = 0;
         io_uring_for_each_cqe(&r->ring, head, cqe) {
+            if ((cqe->user_data & IOMUX_UD_STREAM) && cqe->user_data < IOMUX_UD_RESERVED &&
+                r->streams) {
+                if (!stream_cqe_fits(r, cqe)) {
+                    stopped = 1; /* no room: the rest waits for the next call */
+                    status[0] |= IOMUX_ST_STREAMS_FULL;
+                    break;
+                }
+                seen++;
+                stream_cqe(r, cqe);
+                continue;
+            }
             if (n == cap)
                 break;
             seen++;
@@ -517,20 +580,26 @@ static unsigned copy_out(iomux_ring *r, struct iomux_cqe *out, unsigned cap, int
             n++;
         }
         io_uring_cq_advance(&r->ring, seen);
-        if (n == cap || !needs_flush(r))
+        streams_publish(r->streams);
+        if (n == cap || stopped || !needs_flush(r))
             break;
         /* One enter with GETEVENTS moves overflowed completions into the
          * CQ and runs deferred task work. */
         if (io_uring_get_events(&r->ring) < 0 || io_uring_cq_ready(&r->ring) == 0)
             break;
     }
-    if (n == cap && (io_uring_cq_ready(&r->ring) || needs_flush(r)))
+    if ((n == cap || stopped) && (io_uring_cq_ready(&r->ring) || needs_flush(r)))
         status[0] |= IOMUX_ST_MORE;
     return n;
 }
 
+static int enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_buf, unsigned cap,
+                 unsigned min_complete, int64_t timeout_ns, unsigned flags, const void *sops,
+                 unsigned nsops, const void *stage, size_t stage_len, int64_t *status);
+
 /*
- * Queue nops records, submit everything pending, wait for at least
+ * Queue nops records (and nsops stream records, with the stage they take the
+ * bytes of SEND records from), submit everything pending, wait for at least
  * min_complete (0 or 1) completions for at most timeout_ns (-1: no limit,
  * 0: do not wait), then copy all available completions into out (up to cap).
  *
@@ -539,12 +608,32 @@ static unsigned copy_out(iomux_ring *r, struct iomux_cqe *out, unsigned cap, int
  * status[2] on -EINTR the nanoseconds left of the timeout (-1: no limit), on
  * -EINVAL the index of the malformed record (none of them is consumed).
  *
+ * status[3] the number of stream records consumed and status[6] the stage
+ * bytes they took, status[4] the number of stream events in the event array
+ * and status[5] the bytes of the data area they use (both count from the
+ * last call with IOMUX_ENTER_NEW_BATCH).  Stream events make the call return
+ * without waiting.
+ *
  * A positive timeout never ends early: returning 0 before the deadline
- * happens only for a wake-up (IOMUX_ST_WOKEN) and -EINTR only for a signal.
+ * happens only for a wake-up (IOMUX_ST_WOKEN), stream events, and -EINTR
+ * only for a signal.
  */
 static int iomux_enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_buf,
                        unsigned cap, unsigned min_complete, int64_t timeout_ns,
-                       unsigned flags, int64_t *status)
+                       unsigned flags, const void *sops, unsigned nsops, const void *stage,
+                       size_t stage_len, int64_t *status)
+{
+    int ret = enter(r, ops_buf, nops, out_buf, cap, min_complete, timeout_ns, flags, sops,
+                    nsops, stage, stage_len, status);
+
+    status[4] = r->streams ? r->streams->nev : 0;
+    status[5] = r->streams ? (int64_t)r->streams->data_len : 0;
+    return ret;
+}
+
+static int enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_buf, unsigned cap,
+                 unsigned min_complete, int64_t timeout_ns, unsigned flags, const void *sops,
+                 unsigned nsops, const void *stage, size_t stage_len, int64_t *status)
 {
     const struct iomux_op *ops = ops_buf;
     struct iomux_cqe *out = out_buf;
@@ -557,29 +646,40 @@ static int iomux_enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *
     status[0] = 0;
     status[1] = 0;
     status[2] = -1;
+    status[3] = 0;
+    status[6] = 0;
     for (n = 0; n < nops; n++) {
-        if (ops[n].op >= IOMUX_OP_COUNT || ops[n].user_data >= IOMUX_UD_RESERVED) {
+        if (ops[n].op >= IOMUX_OP_COUNT || ops[n].user_data >= IOMUX_UD_RESERVED ||
+            (r->streams && (ops[n].user_data & IOMUX_UD_STREAM))) {
             status[2] = n; /* a malformed record: nothing is done */
             return -EINVAL;
         }
+    }
+    if (nsops && !r->streams)
+        return -EINVAL;
+    if (r->streams && (flags & IOMUX_ENTER_NEW_BATCH)) {
+        r->streams->nev = 0;
+        r->streams->data_len = 0;
     }
     ret = ensure_enabled(r);
     if (ret < 0)
         return ret;
     qerr = queue_ops(r, ops, nops, &status[1]);
+    if (qerr == 0 && nsops)
+        qerr = stream_records(r, sops, nsops, stage, stage_len, &status[3], &status[6]);
     r->epoch++;
     if (flags & IOMUX_ENTER_RECHECK)
         rechecked = level_recheck(r, out, cap);
 
     if (min_complete == 0 || timeout_ns == 0 || qerr < 0 || rechecked ||
-        io_uring_cq_ready(&r->ring)) {
+        (r->streams && r->streams->nev) || io_uring_cq_ready(&r->ring)) {
         /* No waiting.  Enter only if there is something to submit or the
          * kernel holds completions back (overflow, deferred task work). */
         ret = 0;
         if (io_uring_sq_ready(&r->ring) || needs_flush(r))
             ret = io_uring_submit_and_get_events(&r->ring);
         n = rechecked + copy_out(r, out + rechecked, cap - rechecked, status);
-        if (n)
+        if (n || (r->streams && r->streams->nev))
             return (int)n;
         if (ret < 0)
             return ret;
@@ -608,7 +708,7 @@ static int iomux_enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *
          * without it liburing queues a timeout SQE and submits it here too. */
         ret = io_uring_submit_and_wait_timeout(&r->ring, &cqe, 1, &ts, NULL);
         n = copy_out(r, out, cap, status);
-        if (n || (status[0] & IOMUX_ST_WOKEN))
+        if (n || (status[0] & IOMUX_ST_WOKEN) || (r->streams && r->streams->nev))
             return (int)n;
         now = now_ns();
         if (ret == -EINTR || (ret > 0 && now < slice_end)) {
@@ -654,6 +754,7 @@ static void iomux_ring_close(iomux_ring *r, int cancel)
                 break; /* e.g. -EEXIST: not the ring's thread */
         }
     }
+    streams_free(r, 1);
     io_uring_queue_exit(&r->ring);
     free(r->level);
     free(r->hot);

@@ -46,16 +46,12 @@ from iomux.errors import BackendUnavailable
 from iomux.multiplexer import Capabilities, Multiplexer, Registration, Trigger
 
 from . import _uring
-from ._uring import CQE, F_MORE, LEVEL_IN, LEVEL_OUT, POLLIN, POLLOUT
+from ._uring import COMPLETION_TAG, CQE, F_MORE, LEVEL_IN, LEVEL_OUT, POLLIN, POLLOUT
 from .pollable import PollMasks
 
 _FD_MASK = 0xFFFFFFFF
 #: Set in the user_data of a removal request, whose other bits name its target.
 _REMOVAL = 1 << 62
-#: Set by callers in the user_data of their own completion operations on
-#: ``driver.ring`` (accept, recv, send...): such completions are handed over
-#: in ``driver.completions`` instead of being read as readiness.
-COMPLETION_TAG = 1 << 61
 #: Generations fit in bits 32..55 (bits 56 and 57 are the LEVEL re-check bits).
 _GENERATIONS = 0xFFFFFF
 
@@ -111,10 +107,8 @@ class IoUringDriver(PollMasks, Multiplexer):
         self._generation = 0
         # Completions taken out of the ring outside a wait, for the next wait.
         self._backlog: list[tuple[int, int, int]] = []
-        #: Completions of operations tagged with COMPLETION_TAG, in arrival
-        #: order, collected by poll(); the caller handles and clears them.
-        self.completions: list[tuple[int, int, int]] = []
         self._owner: int | None = None
+        self._port: _uring.StreamPort | None = None
         self._resync = False
         self._eager = False  # set once fileno() is handed out
         try:
@@ -224,17 +218,20 @@ class IoUringDriver(PollMasks, Multiplexer):
             self._reap(backlog, ready, rearm)
             timeout = 0
         if timeout is None:
-            raw = ring.enter(1, -1, recheck=True)
+            raw = ring.enter(1, -1, recheck=True, new_batch=True)
         elif timeout == 0:
-            raw = ring.enter(0, 0, recheck=True)
+            raw = ring.enter(0, 0, recheck=True, new_batch=True)
         else:
-            raw = ring.enter(1, math.ceil(timeout * 1e9), recheck=True)
+            raw = ring.enter(1, math.ceil(timeout * 1e9), recheck=True, new_batch=True)
         self._reap(CQE.iter_unpack(raw), ready, rearm)
         # Take every completion now, and re-arm only afterwards: a poll
         # armed by the next enter of this loop would report again an fd the
         # caller has not even seen yet.
-        while ring.more:
+        while ring.more and not ring.streams_full:
             self._reap(CQE.iter_unpack(ring.enter(0, 0)), ready, rearm)
+        port = self._port
+        if port is not None and port.pending:
+            self._woken = True  # poll() returns for stream events and file operations too
         for fd, mask, trigger in rearm:
             self._arm(fd, mask, trigger)
         if backlog and ready:
@@ -269,8 +266,11 @@ class IoUringDriver(PollMasks, Multiplexer):
         rearm: list[tuple[int, int, Trigger]],
     ) -> None:
         if user_data & COMPLETION_TAG:
-            self.completions.append((user_data, res, flags))
-            self._woken = True  # poll() returns for these even without events
+            # A file operation of the completion port: its callback runs when
+            # the port's events are dispatched.
+            if self._port is not None:
+                self._port._op_done(user_data, res)
+                self._woken = True  # poll() returns for these even without events
             return
         live = self._live
         fd = user_data & _FD_MASK
@@ -313,7 +313,7 @@ class IoUringDriver(PollMasks, Multiplexer):
         # With DEFER_TASKRUN the kernel runs poll wake-ups only when the ring's
         # owner enters it, so a host blocked in epoll_wait on the ring's fd is
         # never woken. A ring without it wakes fd waiters: move everything there.
-        if self.ring._groups or self.ring._sends:
+        if self.ring._groups or self.ring._sends or self._port is not None:
             raise RuntimeError(
                 "call fileno() before starting completion operations on this io_uring "
                 "multiplexer: the ring must be re-created to be pollable"
@@ -325,6 +325,28 @@ class IoUringDriver(PollMasks, Multiplexer):
         for fd, (user_data, mask, trigger) in list(self._live.items()):
             if user_data or trigger is not Trigger.ONESHOT:
                 self._arm(fd, mask, trigger)
+
+    def completion_port(self) -> _uring.StreamPort:
+        """The ring's stream connections (:class:`iomux.completion.CompletionPort`).
+
+        Made on the first call: a provided-buffer ring and a connection
+        table on this multiplexer's ring, driven by its ``poll()``.
+        Multishot receive needs Linux 6.0; older kernels raise OSError.
+        """
+        self._check_usable()
+        if self._port is None:
+            release = os.uname().release.split("-", 1)[0].split(".")
+            try:
+                version = (int(release[0]), int(release[1]))
+            except (IndexError, ValueError):
+                version = (0, 0)
+            if version < (6, 0):
+                raise OSError(
+                    errno.ENOSYS,
+                    f"multishot receive needs Linux 6.0 or newer, this is {os.uname().release}",
+                )
+            self._port = self.ring.stream_port(submitter=self.submit)
+        return self._port
 
     def fileno(self) -> int:
         """The ring's fd: readable when completions (or deferred work) wait.
@@ -339,6 +361,9 @@ class IoUringDriver(PollMasks, Multiplexer):
         """
         self._check_usable()
         if "DEFER_TASKRUN" in self.ring.setup_flag_names:
+            port = self._port
+            if port is not None and not port.used:
+                self._port = None  # made but never used: made again on the new ring
             self._switch_to_pollable_ring()
         self._eager = True
         return self.ring.fileno()

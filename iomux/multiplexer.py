@@ -450,6 +450,17 @@ class Multiplexer(ABC):
             f"the {self.name} driver has no single pollable fd (capability pollable_fd)"
         )
 
+    def completion_port(self) -> Any:
+        """The driver's completion operations (:class:`iomux.completion.CompletionPort`).
+
+        Only drivers whose capabilities say ``completion`` have one (io_uring):
+        the iomux event loop moves stream connections' bytes through it. The
+        others raise ``io.UnsupportedOperation``.
+        """
+        raise io.UnsupportedOperation(
+            f"the {self.name} driver has no completion port (capability completion)"
+        )
+
     def submit(self) -> None:
         """Hand queued registration changes to the kernel now, without waiting.
 

@@ -1,12 +1,12 @@
-"""``python -m iomux serve {echo,http}``: demo servers on the reactor.
+"""``python -m iomux serve {echo,http}``: demo servers on iomux's event loop.
 
 ``echo`` sends every byte back (with backpressure: it stops reading while
 the peer is not taking the echo). ``http`` answers every HTTP/1.1 request
 with a keep-alive "Hello, World!", parsing with httptools (``iomux[http]``).
 ``--workers N`` forks N processes that share the port through SO_REUSEPORT.
-``--io completion`` or ``--io readiness`` forces the reactor's I/O strategy
-(default: completion where the backend has it, e.g. io_uring; see
-:mod:`iomux.reactor.completion`).
+``--io completion`` or ``--io readiness`` chooses how the loop moves the
+connections' bytes (default: completion where the backend has it, e.g.
+io_uring; see :mod:`iomux.reactor.loop`).
 SIGTERM or SIGINT stops accepting, lets connections finish within the grace
 period and exits 0.
 """
@@ -23,7 +23,7 @@ import sys
 from typing import Any
 
 from .reactor import Reactor
-from .reactor.completion import CHOICES, ENV
+from .reactor.loop import IO_CHOICES, IO_ENV
 from .reactor.server import ProtocolFactory
 from .registry import Selection, choose
 
@@ -114,7 +114,7 @@ def add_serve_parser(subparsers: Any) -> None:
     """Add ``serve`` to the ``iomux`` command line."""
     parser = subparsers.add_parser(
         "serve",
-        help="run an echo or HTTP hello-world server on the reactor",
+        help="run an echo or HTTP hello-world server on iomux's event loop",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -130,10 +130,10 @@ def add_serve_parser(subparsers: Any) -> None:
     parser.add_argument("--idle-timeout", type=float, default=None, help="close idle connections")
     parser.add_argument(
         "--io",
-        choices=CHOICES,
+        choices=IO_CHOICES,
         default=None,
-        help="I/O strategy: completion (io_uring operations), readiness, or auto "
-        f"(the default, or ${ENV}): completion where the backend has it",
+        help="how connections move bytes: completion (io_uring operations), readiness, "
+        f"or auto (the default, or ${IO_ENV}): completion where the backend has it",
     )
     parser.set_defaults(func=serve_command)
 
@@ -166,16 +166,18 @@ def _serve(
     ready_fd: int = -1,
     lifeline_fd: int = -1,
 ) -> int:
-    reactor = Reactor(selection.driver, strategy=args.io)
-    reactor.selection = selection
+    loop = Reactor(selection.driver, io=args.io)
+    loop.selection = selection
     try:
-        server = reactor.create_server(
-            PROTOCOLS[args.kind],
-            args.host,
-            port,
-            backlog=args.backlog,
-            reuse_port=reuse_port,
-            idle_timeout=args.idle_timeout,
+        server = loop.run_until_complete(
+            loop.create_server(
+                PROTOCOLS[args.kind],
+                args.host,
+                port,
+                backlog=args.backlog,
+                reuse_port=reuse_port,
+                idle_timeout=args.idle_timeout,
+            )
         )
         if announce:
             where = ", ".join(_address(s) for s in server.sockets)
@@ -186,19 +188,19 @@ def _serve(
                 where,
                 workers,
                 selection.describe(),
-                reactor.strategy.name,
+                loop.io,
             )
             sys.stderr.flush()
-        reactor.install_shutdown_handlers(grace=args.grace, drain=1.0)
+        loop.install_shutdown_handlers(grace=args.grace, drain=1.0)
         if lifeline_fd >= 0:
             # EOF on the lifeline: the parent died without signalling us.
-            reactor.add_reader(lifeline_fd, _orphaned, reactor, lifeline_fd, args.grace)
+            loop.add_reader(lifeline_fd, _orphaned, loop, lifeline_fd, args.grace)
         if ready_fd >= 0:
             os.write(ready_fd, b"!")  # this worker listens: tell the parent
             os.close(ready_fd)
-        reactor.run_forever()
+        loop.run_forever()
     finally:
-        reactor.close()
+        loop.close()
     return 0
 
 
@@ -256,7 +258,7 @@ def _serve_workers(args: argparse.Namespace, selection: Selection) -> int:
             port,
             args.workers,
             selection.describe(),
-            args.io or os.environ.get(ENV) or "auto",
+            args.io or os.environ.get(IO_ENV) or "auto",
         )
         sys.stderr.flush()
         status = 0
@@ -290,10 +292,10 @@ def _serve_workers(args: argparse.Namespace, selection: Selection) -> int:
                 os.close(fd)
 
 
-def _orphaned(reactor: Reactor, fd: int, grace: float) -> None:
-    reactor.remove_reader(fd)
+def _orphaned(loop: Reactor, fd: int, grace: float) -> None:
+    loop.remove_reader(fd)
     logger.warning("the parent process is gone; shutting down")
-    reactor.shutdown(grace, 1.0).add_done_callback(lambda _: reactor.stop())
+    loop.shutdown(grace, 1.0).add_done_callback(lambda _: loop.stop())
 
 
 def _address(sock: socket.socket) -> str:

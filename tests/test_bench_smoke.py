@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+import iomux
 from iomux.cli import main
 
 # The reactor (`python -m iomux serve`): when present, its servers must appear and succeed.
@@ -20,6 +21,8 @@ REACTOR = importlib.util.find_spec("iomux.serve") is not None
 
 HAS_CC = bool(shutil.which("gcc") or shutil.which("cc"))
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+HAS = {m: importlib.util.find_spec(m) is not None for m in ("uvloop", "rloop", "uvicorn")}
+AVAILABLE = [info.name for info in iomux.backends() if info.available]
 needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler to build bench/echoload.c")
 
 
@@ -60,11 +63,43 @@ def test_wait(tmp_path: Path) -> None:
     assert all(run["events"] == run["k"] for run in data["runs"] if run["backend"] == "epoll")
 
 
+def check_present(data: dict[str, Any], wanted: list[str], optional: dict[str, str]) -> None:
+    """Every server in ``wanted`` ran; one in ``optional`` ran iff its module is installed.
+
+    ``optional`` maps a server name to the module it needs; a missing module
+    must leave a note naming the server instead.
+    """
+    names = [s["name"] for s in data["servers"]]
+    for name in wanted:
+        assert name in names, (name, names, data["notes"])
+    for name, module in optional.items():
+        if HAS[module]:
+            assert name in names, (name, names, data["notes"])
+        else:
+            assert name not in names
+            assert any(name in note for note in data["notes"]), (name, data["notes"])
+
+
 @needs_cc
 def test_echo(tmp_path: Path) -> None:
-    data = run_bench(tmp_path, "echo")
+    # Every server, at one connection count and for a short time: about 20 servers.
+    data = run_bench(tmp_path, "echo", "--conns", "10", "--warmup", "0.1", "--duration", "0.3")
     check_servers(data, "rps")
     check_servers(data, "cpu_us_per_req")
+    assert AVAILABLE
+    check_present(
+        data,
+        [f"{kind}-iomux-{b}" for kind in ("aio", "streams") for b in AVAILABLE]
+        + ["streams-asyncio"],
+        {name: name for name in ("uvloop", "rloop")}
+        | {f"streams-{name}": name for name in ("uvloop", "rloop")},
+    )
+    kinds = {s["name"]: s["kind"] for s in data["servers"]}
+    assert kinds[f"aio-iomux-{AVAILABLE[0]}"] == "iomux-loop"
+    md = (tmp_path / "echo.md").read_text()
+    assert "x asyncio" in md
+    if HAS["rloop"]:
+        assert "x rloop" in md
 
 
 @needs_cc
@@ -74,6 +109,19 @@ def test_echo(tmp_path: Path) -> None:
 def test_http(tmp_path: Path) -> None:
     data = run_bench(tmp_path, "http")
     check_servers(data, "rps")
+    if not HAS["uvicorn"]:
+        assert any(note.startswith("uvicorn") for note in data["notes"]), data["notes"]
+        return
+    check_present(
+        data,
+        [f"uvicorn-iomux-{b}" for b in AVAILABLE] + ["uvicorn-asyncio"],
+        {"uvicorn-uvloop": "uvloop"},
+    )
+    if HAS["uvloop"]:
+        assert (
+            "`uvicorn-*` rows to `uvicorn-asyncio` / `uvicorn-uvloop`"
+            in (tmp_path / "http.md").read_text()
+        )
 
 
 @needs_cc
@@ -117,6 +165,28 @@ Requests/sec:  74935.49
     assert parsed["p99_us"] == pytest.approx(1470.0)
     assert parsed["requests"] == 75412
     assert parsed["rps"] == pytest.approx(74935.49)
+
+
+def test_ratios_by_family() -> None:
+    from iomux.bench.report import METRICS, metric_tables
+
+    summary: Any = {
+        name: {10: {"rps": rps, "runs": 1}}
+        for name, rps in [
+            ("asyncio", 100.0),
+            ("uvloop", 200.0),
+            ("aio-iomux-epoll", 150.0),
+            ("streams-asyncio", 50.0),
+            ("streams-iomux-epoll", 100.0),
+            ("uvicorn-uvloop", 40.0),
+            ("uvicorn-iomux-epoll", 20.0),
+        ]
+    }
+    md = metric_tables(summary, list(summary), [10], METRICS[:1])
+    assert "(x asyncio / x uvloop)" in md
+    assert "| aio-iomux-epoll | 150 (1.50x / 0.75x) |" in md
+    assert "| streams-iomux-epoll | 100 (2.00x / -) |" in md
+    assert "| uvicorn-iomux-epoll | 20.0 (- / 0.50x) |" in md
 
 
 def test_strace_parser() -> None:

@@ -1,67 +1,61 @@
-"""The iomux reactor: an asyncio-protocol-compatible event loop on any iomux backend.
+"""The iomux event loop: a complete asyncio event loop on any iomux backend.
 
 ::
 
-    from iomux.reactor import Reactor
+    import asyncio
+    import iomux
 
     class Echo(asyncio.Protocol):
         def connection_made(self, transport): self.transport = transport
         def data_received(self, data): self.transport.write(data)
 
-    reactor = Reactor("epoll")
-    server = reactor.create_server(Echo, "127.0.0.1", 8888)
-    reactor.install_shutdown_handlers(grace=5.0)   # SIGINT/SIGTERM: graceful stop
-    reactor.run_forever()
-    reactor.close()
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Echo, "127.0.0.1", 8888, idle_timeout=30)
+        async with server:
+            await server.serve_forever()
 
-Protocols are asyncio's (``asyncio.Protocol`` and ``asyncio.BufferedProtocol``).
-Connections can have an idle timeout and a deadline; they end with
-``connection_lost(IdleTimeout(...))`` or ``connection_lost(DeadlineExceeded(...))``.
-See :mod:`iomux.reactor.embed` to run the reactor inside another loop or thread.
+    asyncio.run(main(), loop_factory=iomux.new_event_loop)   # Python 3.12+
+    iomux.run(main())                                         # any Python
+
+:class:`Reactor` implements :class:`asyncio.AbstractEventLoop` itself, with
+asyncio's Future, Task and Handle, so existing asyncio code (aiohttp,
+uvicorn, websockets, asyncpg, anyio...) runs on it. On io_uring, stream
+connections use the ring's completion operations
+(:mod:`iomux.reactor.completion`); on every backend, readiness
+(:mod:`iomux.reactor.readiness`). What iomux adds: per-connection idle
+timeouts and deadlines (``connection_lost(IdleTimeout(...))`` or
+``DeadlineExceeded``), graceful :meth:`Reactor.shutdown`, a pause in
+accepting when the process runs out of fds, and embedding
+(:meth:`Reactor.run_once`, :meth:`Reactor.fileno`; see
+:mod:`iomux.reactor.embed`).
 """
 
 from __future__ import annotations
 
-from .completion import CompletionStrategy, CompletionUnsupported
 from .errors import (
     ConnectionTimeout,
     DeadlineExceeded,
     EmbeddingUnsupported,
-    FutureCancelled,
     IdleTimeout,
-    InvalidFutureState,
     ReactorClosed,
     ReactorRunning,
-    RunTimeout,
     ShutdownTimeout,
 )
-from .futures import Future, Task
-from .handles import Handle, TimerHandle
-from .loop import Reactor
+from .loop import CompletionUnsupported, Reactor
 from .server import Server
-from .strategy import ReadinessStrategy, TransportStrategy
-from .transport import SocketTransport
+from .transport import StreamTransport
 
 __all__ = [
-    "CompletionStrategy",
     "CompletionUnsupported",
     "ConnectionTimeout",
     "DeadlineExceeded",
     "EmbeddingUnsupported",
-    "Future",
-    "FutureCancelled",
-    "Handle",
     "IdleTimeout",
-    "InvalidFutureState",
     "Reactor",
     "ReactorClosed",
     "ReactorRunning",
-    "ReadinessStrategy",
-    "RunTimeout",
     "Server",
     "ShutdownTimeout",
-    "SocketTransport",
-    "Task",
-    "TimerHandle",
-    "TransportStrategy",
+    "StreamTransport",
 ]

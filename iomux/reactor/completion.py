@@ -1,373 +1,542 @@
-"""The completion strategy: the reactor's I/O as io_uring operations.
+"""Completion I/O: stream connections whose bytes the driver moves (io_uring).
 
-Instead of waiting for readiness and then calling ``accept``/``recv``/``send``,
-the strategy queues operations on the io_uring driver's ring: a multishot
-accept per listening socket, a multishot receive per connection into one
-shared provided-buffer group, and at most one send per connection (writes
-made meanwhile are batched into the next). Everything queued during a loop
-iteration reaches the kernel with the driver's next ``poll()``: one
-``io_uring_enter`` per iteration submits the operations and collects the
-new completions, which the reactor hands to
-:meth:`CompletionStrategy.complete` in one list; the buffers of a batch go
-back to the kernel together, in one call, once their bytes are copied out.
+Instead of waiting for readiness and then calling ``recv``/``send``, the
+loop's completion transports ask the driver's completion port
+(:mod:`iomux.completion`) for operations on their connection's *slot*:
+receive, pause, send, shut down, close. The requests of one loop
+iteration reach the kernel together, in the one system call of the
+multiplexer's next ``poll()``, which also reaps every completion; the port
+then hands the loop one array of events, and :meth:`CompletionIO.dispatch`
+makes one step per event: ``data_received`` for each received message,
+found by slot in a list. Sends cost nothing per completion in Python: the
+port keeps what is not sent yet and reports only what flow control needs.
 
-Each operation's ``user_data`` is ``COMPLETION_TAG | ident << 3 | kind``,
-where ``ident`` numbers listeners and connections and is never reused, so a
-completion is dispatched by one dict lookup and completions of a closed
-connection are recognised whatever happened to its fd number.
-
-``Reactor(strategy=None)`` picks this strategy when the driver declares
-``capabilities.completion`` (io_uring); ``Reactor(strategy="readiness")``,
-the environment variable ``IOMUX_IO=readiness`` or an explicit ``trigger``
-force readiness I/O, ``"completion"`` forces this one.
+Listeners accept with the port too (a multishot accept per socket), and
+pause for a while when the process runs out of fds, as readiness listeners
+do. A slot's socket is closed only after the port reported it ``CLOSED``,
+when no operation can still use its fd.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import itertools
 import os
 import socket
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from collections import deque
+from typing import TYPE_CHECKING, Any
 
-from iomux.errors import IomuxError
-from iomux.multiplexer import Multiplexer, Trigger
+from iomux import completion as port_events
+from iomux.completion import CompletionPort
+from iomux.multiplexer import Multiplexer
 
-from .completion_transport import (
-    BUFFER_SHIFT,
-    F_BUFFER,
-    F_MORE,
-    KIND_ACCEPT,
-    KIND_BITS,
-    KIND_CANCEL,
-    CompletionTransport,
-    error,
-    uring,
-)
-from .listener import _OUT_OF_RESOURCES, _TRANSIENT, ACCEPT_RETRY_DELAY, AcceptCallback, Listener
-from .strategy import ReadinessStrategy, TransportStrategy
+from .readiness import _OUT_OF_RESOURCES, _TRANSIENT, ACCEPT_BATCH, AcceptBackoff
+from .transport import StreamTransport
 
 if TYPE_CHECKING:
-    from .loop import Reactor
     from .server import Server
 
-#: Buffers in the provided-buffer group (a power of two) and their size. A
-#: buffer is held only from the kernel's fill until the next enter, so the
-#: group needs to cover one loop iteration's receives, not every connection
-#: (running out costs a re-armed receive, not data). The kernel cycles
-#: through all of them, so all become resident: 2 MiB. A fast sender can
-#: fill many in one enter; a connection paused meanwhile holds copies of
-#: those, so the group size also bounds what a pause can leave held.
-BUFFERS = 512
-BUFFER_SIZE = 4096
-#: The buffer group id the strategy registers on the ring.
-GROUP_ID = 0x1F0
-#: The environment variable that chooses the strategy: readiness, completion, auto.
-ENV = "IOMUX_IO"
-CHOICES = ("auto", "readiness", "completion")
-
-# Set in the user_data of completion operations (see iomux.drivers.io_uring).
-_TAG = 1 << 61
-_ECANCELED = -errno.ECANCELED
-_EALREADY = -errno.EALREADY
-
-# handler(res, flags); res is the received bytes when flags has F_BUFFER.
-Handler = Callable[[Any, int], None]
-StrategyChoice = str | Callable[["Reactor"], TransportStrategy] | None
+_DATA = port_events.DATA
+_EOF = port_events.EOF
+_ERROR = port_events.ERROR
+_SENT = port_events.SENT
+_DRAINED = port_events.DRAINED
+_CLOSED = port_events.CLOSED
+_ACCEPTED = port_events.ACCEPTED
+_ACCEPT_END = port_events.ACCEPT_END
+_SendfileMode = asyncio.constants._SendfileMode
 
 
-class CompletionUnsupported(IomuxError, ValueError):
-    """The completion strategy was asked for on a driver or kernel that cannot run it."""
+def _error(res: int) -> OSError:
+    """The OSError subclass for a negative result."""
+    return OSError(-res, os.strerror(-res))
 
 
-def completion_unsupported(mux: Multiplexer) -> str | None:
-    """Why the completion strategy cannot run on ``mux``, or None if it can."""
-    if not mux.capabilities.completion:
-        return f"the {mux.name} driver declares no capability completion"
-    if uring is None:
-        return "the io_uring layer (iomux.drivers) cannot be imported"
-    if not isinstance(getattr(mux, "ring", None), uring.Ring) or not hasattr(mux, "completions"):
-        return f"the {mux.name} driver has no io_uring ring to queue operations on"
-    release = os.uname().release.split("-", 1)[0].split(".")
-    try:
-        version = (int(release[0]), int(release[1]))
-    except (IndexError, ValueError):
-        version = (0, 0)
-    if version < (6, 0):
-        return f"multishot receive needs Linux 6.0 or newer, this is {os.uname().release}"
-    return None
+class CompletionIO:
+    """The loop's completion I/O on one multiplexer (see the module docstring)."""
 
+    def __init__(self, loop: asyncio.AbstractEventLoop, mux: Multiplexer) -> None:
+        self._loop = loop
+        self._mux = mux
+        self._port: CompletionPort | None = None
+        #: slot -> the transport or listener using it.
+        self._slots: list[Any] = []
 
-def choose_strategy(
-    reactor: Reactor, strategy: StrategyChoice, trigger: Trigger | None
-) -> TransportStrategy:
-    """The reactor's strategy from its arguments and ``IOMUX_IO`` (see the module docstring)."""
-    if strategy is None:
-        strategy = "readiness" if trigger is not None else os.environ.get(ENV) or "auto"
-        where = f"{ENV}={strategy!r}" if trigger is None else "trigger"
-    else:
-        where = f"strategy={strategy!r}"
-    if not isinstance(strategy, str):
-        return strategy(reactor)
-    if strategy not in CHOICES:
-        raise ValueError(f"{where}: the strategy must be one of {', '.join(CHOICES)}")
-    if strategy == "readiness":
-        return ReadinessStrategy(reactor, trigger=trigger)
-    if trigger is not None:
-        raise ValueError(f"trigger={trigger} applies to the readiness strategy only")
-    if strategy == "auto" and completion_unsupported(reactor._mux) is not None:
-        return ReadinessStrategy(reactor)
-    return CompletionStrategy(reactor)
+    def port(self) -> CompletionPort:
+        """The driver's completion port (asked for on first use)."""
+        port = self._port
+        if port is None:
+            port = self._port = self._mux.completion_port()
+        return port
 
+    def _take(self, slot: int, owner: Any) -> None:
+        slots = self._slots
+        while len(slots) <= slot:
+            slots.append(None)
+        slots[slot] = owner
 
-class CompletionStrategy(TransportStrategy):
-    """Multishot accept, multishot receive into provided buffers, batched sends.
+    def _closed(self, slot: int) -> None:
+        self._slots[slot] = None
+        self.port().free(slot)
 
-    Needs the io_uring driver (see :func:`completion_unsupported`).
-    ``buffers`` (a power of two) and ``buffer_size`` size the shared
-    provided-buffer group, registered when the first connection starts.
-    """
-
-    name = "completion"
-
-    def __init__(
-        self, reactor: Reactor, *, buffers: int = BUFFERS, buffer_size: int = BUFFER_SIZE
-    ) -> None:
-        super().__init__(reactor)
-        reason = completion_unsupported(reactor._mux)
-        if reason is not None:
-            raise CompletionUnsupported(f"the completion strategy cannot run: {reason}")
-        if buffers < 1 or buffers & (buffers - 1) or buffer_size < 1:
-            raise ValueError("buffers must be a power of two and buffer_size positive")
-        self._driver: Any = cast(Any, reactor._mux)  # an IoUringDriver (checked above)
-        #: The driver's ring, on which every operation is queued.
-        self.ring: Any = self._driver.ring
-        #: Set in the user_data of every operation.
-        self.tag = _TAG
-        #: user_data -> ``handler(res, flags)`` for every operation that may complete
-        #: (see :meth:`complete`).
-        self.handlers: dict[int, Handler] = {}
-        #: ident -> socket kept open until its cancelled operations completed.
-        self.dying: dict[int, socket.socket] = {}
-        #: A new connection or listener number (never reused).
-        self.new_ident: Callable[[], int] = itertools.count(1).__next__
-        self._buffers = buffers
-        self._size = buffer_size
-        self._group: Any = None
-        self._mem: Any = None
-        self._queued = False  # an operation was queued: the ring cannot be replaced
-        #: Set once a host loop waits on fileno(): see :meth:`kick`.
-        self.eager = False
-
-    # -- the buffer group ----------------------------------------------------------
-
-    def group(self) -> Any:
-        """The provided-buffer group receives use (registered on first use)."""
-        group = self._group
-        if group is None:
-            group = self.ring.buffer_group(GROUP_ID, self._buffers, self._size)
-            # The mmap behind every buffer: slicing it makes a bytes in one step.
-            self._mem = group.view(0, self._size).obj
-            self._group = group
-            self._queued = True
-        return group
-
-    # -- TransportStrategy -------------------------------------------------------------
-
-    def listen(self, sock: socket.socket, on_accept: AcceptCallback) -> CompletionListener:
-        """A listener with a multishot accept."""
-        return CompletionListener(self, sock, on_accept)
+    # -- what the loop calls ------------------------------------------------------
 
     def transport(
         self,
         sock: socket.socket,
         protocol: asyncio.BaseProtocol,
-        *,
-        server: Server | None = None,
-        peername: Any = None,
-    ) -> CompletionTransport:
-        """A :class:`CompletionTransport` over ``sock``."""
-        self._queued = True
-        return CompletionTransport(self, sock, protocol, server=server, peername=peername)
+        waiter: asyncio.Future[Any] | None,
+        extra: dict[str, Any] | None,
+        server: Server | None,
+    ) -> CompletionStreamTransport:
+        """A completion transport over a connected non-blocking socket."""
+        return CompletionStreamTransport(self, sock, protocol, waiter, extra, server)
 
-    def complete(self, batch: list[tuple[int, int, int]]) -> None:
-        """Dispatch one loop iteration's completions ``(user_data, res, flags)``.
+    def listener(self, server: Server, sock: socket.socket) -> CompletionListener:
+        """A listener accepting with the port."""
+        return CompletionListener(self, server, sock)
 
-        Each goes to ``handlers[user_data](res, flags)``, except that a
-        completion that filled a provided buffer passes the received bytes in
-        place of ``res``: they are copied out here and the batch's buffers
-        go back to the kernel together, in one call.
-        """
-        handlers = self.handlers
-        mem, size = self._mem, self._size
-        bids: list[int] = []
-        try:
-            for user_data, res, flags in batch:
-                handler = handlers.get(user_data)
-                got: Any = res
-                if flags & F_BUFFER:
-                    bid = flags >> BUFFER_SHIFT
-                    bids.append(bid)
-                    if res > 0:
-                        start = bid * size
-                        got = mem[start : start + res]
+    def dispatch(self) -> None:
+        """Handle the port's events of the last ``poll()``: one step each."""
+        port = self._port
+        if port is None:
+            return
+        events, data_area = port.events()
+        data: Any = data_area
+        slots = self._slots
+        loop = self._loop
+        for slot, kind, res, off in events:
+            owner = slots[slot]
+            try:
+                if kind == _DATA and owner._reading:
+                    if owner._deadlines is not None:
+                        owner._last_io = loop.time()
+                    if owner._buffered:
+                        owner._feed_buffered(data[off : off + res])
                     else:
-                        flags &= ~F_BUFFER
-                if handler is None:
-                    continue  # a late completion of something already released
-                try:
-                    handler(got, flags)
-                except (SystemExit, KeyboardInterrupt):
-                    raise
-                except BaseException as exc:
-                    self.reactor.call_exception_handler(
+                        owner._context.run(owner._data_received, data[off : off + res])
+                elif kind == _DATA:
+                    owner._hold(data[off : off + res])
+                else:
+                    owner._event(kind, res, off)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                if kind == _DATA and isinstance(owner, CompletionStreamTransport):
+                    owner._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+                else:
+                    loop.call_exception_handler(
                         {
-                            "message": f"exception in completion handler {handler!r}",
+                            "message": f"exception handling a completion of {owner!r}",
                             "exception": exc,
                         }
                     )
-        finally:
-            if bids:
-                self._group.recycle(bids)
+        try:
+            port.run_done()  # file operations' callbacks
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            loop.call_exception_handler(
+                {"message": "exception in a file operation's callback", "exception": exc}
+            )
+
+    def submit(self) -> None:
+        """Hand queued requests to the kernel now (a host loop is about to wait)."""
+        if self._port is not None:
+            self._port.submit()
+        else:
+            self._mux.submit()
 
     def fileno(self) -> int:
         """The ring's fd, for a host loop (before any connection or listener started)."""
-        ring = self.ring
-        if "DEFER_TASKRUN" in ring.setup_flag_names and (self._queued or self.reactor._transports):
-            # The driver re-creates the ring to make it pollable; operations
-            # and buffers on the old one cannot move.
+        if self._port is not None and self._slots:
             raise RuntimeError(
-                "with the completion strategy, call Reactor.fileno() before creating "
-                "servers or connections (or use Reactor(strategy='readiness'))"
+                "with completion I/O, call fileno() before creating servers or "
+                "connections (or use io='readiness')"
             )
-        fd = self._driver.fileno()
-        self.ring = self._driver.ring
-        self.eager = True
-        return int(fd)
-
-    def kick(self) -> None:
-        """Submit now what was queued outside a reactor iteration, for a host loop.
-
-        A host waiting on :meth:`fileno` runs the reactor only when the fd
-        turns readable, which operations still queued in user space never make it.
-        """
-        if self.eager and not self.reactor._running:
-            self._driver.submit()
+        fd = self._mux.fileno()
+        self._port = None  # the driver re-created its ring: ask again
+        return fd
 
     def close(self) -> None:
-        """The reactor is closing: close sockets still waiting for their cancellations."""
-        for sock in self.dying.values():
-            sock.close()
-        self.dying.clear()
+        """The loop is closing: forget every slot (the ring goes with the multiplexer)."""
+        self._slots.clear()
+        self._port = None
 
 
-class CompletionListener(Listener):
-    """Accepts with one multishot accept; pauses on EMFILE like :class:`Listener`.
+class CompletionStreamTransport(StreamTransport):
+    """A TCP or Unix stream transport whose bytes the completion port moves."""
 
-    A multishot accept that fails (out of fds, memory...) ends: the listener
-    re-arms it after ``retry_delay``, so a full fd table costs one
-    completion per delay, not a busy loop. :meth:`accept_pending` accepts
-    synchronously, as the readiness listener does.
-    """
+    __slots__ = (
+        "_acked",
+        "_data_received",
+        "_held",
+        "_held_end",
+        "_io",
+        "_port",
+        "_reading",
+        "_release_wanted",
+        "_slot",
+        "_slot_closed",
+        "_written",
+    )
+    _sendfile_compatible = _SendfileMode.FALLBACK
 
     def __init__(
         self,
-        strategy: CompletionStrategy,
+        io: CompletionIO,
         sock: socket.socket,
-        on_accept: AcceptCallback,
-        *,
-        retry_delay: float = ACCEPT_RETRY_DELAY,
+        protocol: asyncio.BaseProtocol,
+        waiter: asyncio.Future[Any] | None,
+        extra: dict[str, Any] | None,
+        server: Server | None,
     ) -> None:
-        super().__init__(strategy.reactor, sock, on_accept, retry_delay=retry_delay)
-        self._strategy = strategy
-        self._ident = ident = strategy.new_ident()
-        base = strategy.tag | ident << KIND_BITS
-        self._accept_ud = base | KIND_ACCEPT
-        self._cancel_ud = base | KIND_CANCEL
-        self._armed = False  # an accept is on the ring until its last completion
-        self._kind = (sock.family, sock.type, sock.proto)
-        strategy.handlers[self._accept_ud] = self._on_complete
-        strategy.handlers[self._cancel_ud] = self._on_cancel_failed
+        self._reading = False
+        self._data_received: Any = None
+        super().__init__(io._loop, sock, protocol, extra, server)
+        self._io = io
+        port = self._port = io.port()
+        self._written = 0  # bytes write() accepted, ever
+        self._acked = 0  # bytes the kernel confirmed sending, as last read from the port
+        self._held: deque[bytes] = deque()
+        self._held_end: int | None = None  # 0 (EOF) or -errno met while paused
+        self._slot_closed = False
+        self._release_wanted = False
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self._slot = port.open(sock.fileno())
+        io._take(self._slot, self)
+        self._connection_made(waiter)
 
-    def start(self) -> None:
-        """Arm the multishot accept."""
-        if self._watching or self._closed or self._backing_off:
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        """Hand the connection to another protocol."""
+        super().set_protocol(protocol)
+        self._data_received = getattr(protocol, "data_received", None)
+
+    def _start_reading(self) -> None:
+        if not self._closing and not self._paused and self._held_end is None:
+            self._reading = True
+            self._port.read(self._slot)
+
+    # -- receiving ----------------------------------------------------------------
+
+    def _hold(self, data: bytes) -> None:
+        """Data that arrived while paused (or after close): kept for resume_reading."""
+        if not self._closing:
+            self._held.append(data)
+
+    def _feed_buffered(self, data: bytes) -> None:
+        """Copy ``data`` into a BufferedProtocol's buffers; hold what a pause leaves."""
+        protocol = self._protocol
+        context = self._context
+        view = memoryview(data)
+        while view:
+            try:
+                buf = memoryview(context.run(protocol.get_buffer, len(view))).cast("B")
+                n = min(len(buf), len(view))
+                if not n:
+                    raise RuntimeError("get_buffer() returned an empty buffer")
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")
+                return
+            buf[:n] = view[:n]
+            try:
+                context.run(protocol.buffer_updated, n)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed.")
+                return
+            view = view[n:]
+            if view and not self._reading:
+                self._hold(bytes(view))
+                return
+
+    def _deliver_held(self) -> None:
+        """After resume_reading: what arrived while paused, then receive again."""
+        if self._paused or self._closing:
+            return  # paused again meanwhile: the next resume_reading comes back here
+        self._reading = True
+        held = self._held
+        while held and self._reading:
+            data = held.popleft()
+            if self._buffered:
+                self._feed_buffered(data)
+                continue
+            try:
+                self._context.run(self._data_received, data)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+                return
+        if held or not self._reading:
+            return  # paused again (or closed): resume_reading comes back here
+        end, self._held_end = self._held_end, None
+        if end is not None:
+            self._reading = False
+            self._ended(end)
+        else:
+            self._port.read(self._slot)
+
+    def _ended(self, res: int) -> None:
+        """The receiving side ended: end of stream (0) or an error."""
+        if res == 0:
+            self._on_eof()
+        else:
+            self._fatal_error(_error(res), "Fatal read error on socket transport")
+
+    def _on_eof(self) -> None:
+        try:
+            keep_open = self._context.run(self._protocol.eof_received)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
             return
-        self._watching = True
-        if not self._armed:
-            self._arm()
+        if not keep_open:
+            self.close()
 
-    def _arm(self) -> None:
-        self._strategy._queued = True
-        self._strategy.ring.accept(self._sock.fileno(), self._accept_ud)
-        self._armed = True
-        self._strategy.kick()
+    def _event(self, kind: int, res: int, off: int) -> None:
+        if kind == _EOF or (kind == _ERROR and off == port_events.FAILED_RECV):
+            if self._conn_lost:
+                return
+            end = 0 if kind == _EOF else res
+            if self._paused or self._held:
+                self._held_end = end  # delivered after resume_reading
+                return
+            self._reading = False
+            self._ended(end)
+        elif kind == _ERROR:
+            if not self._conn_lost:
+                self._fatal_error(_error(res), "Fatal write error on socket transport")
+        elif kind == _SENT:
+            self._acked = self._port.sent(self._slot)
+            self._maybe_resume_protocol()
+            self._want_notify()
+        elif kind == _DRAINED:
+            if not self._conn_lost:
+                self._lost(None)
+        elif kind == _CLOSED:
+            self._slot_closed = True
+            self._io._closed(self._slot)
+            if self._release_wanted:
+                self._close_socket()
 
-    def stop(self) -> None:
-        """Cancel the accept (connections wait in the backlog)."""
-        if not self._watching:
+    # -- writing ----------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` with the loop's next system call (after what was written before)."""
+        if type(data) is not bytes or self._eof or self._conn_lost or not data:
+            if not self._check_write(data):
+                return
+            if not isinstance(data, bytes):
+                data = bytes(memoryview(data).cast("B"))  # the caller may reuse its buffer
+        self._port.send(self._slot, data)
+        written = self._written = self._written + len(data)
+        if self._deadlines is not None:
+            self._last_io = self._loop.time()
+        if written - self._acked > self._high_water and not self._protocol_paused:
+            self._acked = self._port.sent(self._slot)
+            self._maybe_pause_protocol()
+            self._want_notify()
+
+    def _want_notify(self) -> None:
+        """While writing is paused, ask to be told when the buffer drains to low water."""
+        if self._protocol_paused and not self._conn_lost:
+            self._port.notify_sent(self._slot, self._written - self._low_water)
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes accepted by ``write()`` that the kernel has not confirmed sending."""
+        if self._slot_closed or self._conn_lost:
+            return 0
+        self._acked = self._port.sent(self._slot)
+        return self._written - self._acked
+
+    def write_eof(self) -> None:
+        """Shut down the sending side once everything written is sent."""
+        if self._closing or self._eof:
             return
-        self._watching = False
-        if self._armed:
-            self._strategy.ring.cancel(self._accept_ud, self._cancel_ud, skip_success=True)
-            self._strategy.kick()
+        self._eof = True
+        self._port.shutdown_write(self._slot)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        """Set the buffer sizes at which ``pause_writing``/``resume_writing`` fire."""
+        super().set_write_buffer_limits(high, low)
+        self._want_notify()
+
+    # -- reading control ----------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        """Stop calling ``data_received`` until :meth:`resume_reading`."""
+        if self._closing or self._paused:
+            return
+        self._paused = True
+        if self._reading:
+            self._reading = False
+            self._port.pause(self._slot)
+
+    def resume_reading(self) -> None:
+        """Resume reading after :meth:`pause_reading`."""
+        if self._closing or not self._paused:
+            return
+        self._paused = False
+        if self._held or self._held_end is not None:
+            # What was held goes first: until it is delivered, new data is
+            # held behind it (_reading stays False).
+            self._loop.call_soon(self._deliver_held)
+        else:
+            self._reading = True
+            self._port.read(self._slot)
+
+    # -- closing --------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop accepting; the socket closes once the accept's cancellation completed."""
-        self.stop()
+        """Stop reading, send what was written, then ``connection_lost(None)``."""
+        if self._closing:
+            return
+        self._closing = True
+        self._reading = False
+        self._held.clear()
+        if self._written == self._port.sent(self._slot):
+            self._port.close(self._slot, abort=True)  # nothing left to send
+            self._lost(None)
+        else:
+            self._port.close(self._slot)  # DRAINED once everything is sent
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        if self._conn_lost:
+            return
+        if not self._slot_closed and self._written != self._port.sent(self._slot):
+            self._reset_if_dropping()
+        self._closing = True
+        self._reading = False
+        self._held.clear()
+        if not self._slot_closed:
+            self._port.close(self._slot, abort=True)
+        self._lost(exc)
+
+    def _release(self) -> None:
+        # The protocol was told; the socket closes once the port let go of it.
+        if self._slot_closed:
+            self._close_socket()
+        else:
+            self._release_wanted = True
+
+    def _close_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+
+class CompletionListener:
+    """Accepts with one multishot accept on the port; pauses on EMFILE as readiness does.
+
+    An accept that ends (out of fds, memory...) is asked again after the
+    back-off delay, so a full fd table costs one completion per delay, not a
+    busy loop. :meth:`accept_pending` accepts synchronously.
+    """
+
+    def __init__(self, io: CompletionIO, server: Server, sock: socket.socket) -> None:
+        self._io = io
+        self._loop = io._loop
+        self._server = server
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._kind = (sock.family, sock.type, sock.proto)
+        self._slot: int | None = None
+        self._closed = False
+        self._backing_off = False
+        self.backoff = AcceptBackoff(io._loop)
+
+    def start(self) -> None:
+        """Begin accepting."""
+        if self._slot is None and not self._closed:
+            port = self._io.port()
+            self._slot = port.listen(self._fd)
+            self._io._take(self._slot, self)
+
+    def close(self) -> None:
+        """Stop accepting; the socket closes once the accept's cancellation is through."""
+        if self._closed:
+            return
         self._closed = True
         try:
             self._sock.shutdown(socket.SHUT_RDWR)  # refuse new connections now
         except OSError:
             pass
-        if self._armed:
-            self._strategy.dying[self._ident] = self._sock
+        if self._slot is None:
+            self._sock.close()
         else:
-            self._forget()
+            self._io.port().close(self._slot)
 
-    def _forget(self) -> None:
-        handlers = self._strategy.handlers
-        handlers.pop(self._accept_ud, None)
-        handlers.pop(self._cancel_ud, None)
-        self._strategy.dying.pop(self._ident, None)
-        self._sock.close()
+    def accept_pending(self) -> None:
+        """Accept every connection already waiting in the backlog, now."""
+        accepted = self._server.accepted
+        for _ in range(ACCEPT_BATCH * 64):
+            if self._closed:
+                return
+            try:
+                conn, addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _TRANSIENT:
+                    continue
+                return
+            accepted(conn, addr)
 
-    def _on_complete(self, res: int, flags: int) -> None:
-        if not flags & F_MORE:
-            self._armed = False
-            self._ended(res)
-        if res >= 0:
+    def _event(self, kind: int, res: int, off: int) -> None:
+        if kind == _ACCEPTED:
             family, type_, proto = self._kind
-            self._starved = False
             conn = socket.socket(family, type_, proto, fileno=res)
+            if self._closed:
+                conn.close()  # accepted while the server was closing
+                return
+            self.backoff.succeeded()
             try:
                 # A multishot accept gives no address; accept() would have.
                 addr = conn.getpeername()
             except OSError:
                 addr = None  # reset in the backlog: the first receive reports it
-            self._on_accept(conn, addr)
+            self._server.accepted(conn, addr)
+        elif kind == _ACCEPT_END:
+            if self._closed:
+                return
+            err = -res
+            if res == 0 or err in (errno.ECANCELED,) or err in _TRANSIENT:
+                self._again()
+            elif err in _OUT_OF_RESOURCES:
+                self._backing_off = True
+                self.backoff.failed(_error(res), self._sock, self._retry)
+            else:
+                self._loop.call_exception_handler(
+                    {
+                        "message": "socket.accept() failed",
+                        "exception": _error(res),
+                        "socket": asyncio.trsock.TransportSocket(self._sock),
+                    }
+                )
+                self._backing_off = True
+                self._loop.call_later(self.backoff.delay, self._retry)
+        elif kind == _CLOSED:
+            assert self._slot is not None
+            self._io._closed(self._slot)
+            self._slot = None
+            self._sock.close()
 
-    def _ended(self, res: int) -> None:
-        """The multishot accept ended: re-arm, back off, or finish closing."""
-        if self._closed:
-            self._forget()
-        elif res >= 0 or res == _ECANCELED or -res in _TRANSIENT:
-            if self._watching:
-                self._arm()
-        elif -res in _OUT_OF_RESOURCES:
-            self._back_off(error(res))
-        else:
-            self._reactor.call_exception_handler(
-                {"message": f"accept failed on {self._sock!r}", "exception": error(res)}
-            )
-            # Retry later rather than at once: the error may persist.
-            self.stop()
-            self._backing_off = True
-            self._reactor.call_later(self._retry_delay, self._retry)
+    def _again(self) -> None:
+        if self._slot is not None and not self._closed:
+            self._io.port().accept(self._slot, self._fd)
 
-    def _on_cancel_failed(self, res: int, flags: int) -> None:
-        # Only failures complete (SKIP_SUCCESS); EALREADY: try again.
-        if res == _EALREADY and self._armed and not self._watching:
-            self._strategy.ring.cancel(self._accept_ud, self._cancel_ud, skip_success=True)
+    def _retry(self) -> None:
+        self._backing_off = False
+        self._again()
+
+    def __repr__(self) -> str:
+        return f"<CompletionListener fd={self._fd} slot={self._slot}>"

@@ -49,18 +49,6 @@ class ShutdownTimeout(ConnectionTimeout):
     and could not flush what it had written within the drain time."""
 
 
-class RunTimeout(IomuxError, TimeoutError):
-    """``run_until_complete(..., timeout=)`` expired before the work completed."""
-
-
-class FutureCancelled(IomuxError, RuntimeError):
-    """The result of a cancelled :class:`iomux.reactor.Future` was asked for."""
-
-
-class InvalidFutureState(IomuxError, RuntimeError):
-    """A result was set twice, or asked for before it was set."""
-
-
 class EmbeddingUnsupported(IomuxError, io.UnsupportedOperation):
     """The driver has no single pollable fd, so :meth:`Reactor.fileno` cannot work.
 

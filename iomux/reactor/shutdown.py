@@ -10,70 +10,102 @@ Phases:
    ``grace`` seconds pass.
 3. The rest are closed with ``close()``: reading stops and what was written
    is flushed. A connection whose peer does not take its data within
-   ``drain`` seconds is aborted with :class:`ShutdownTimeout`.
+   ``drain`` more seconds is aborted with :class:`ShutdownTimeout`.
 
 Nothing accepted by ``write()`` is dropped unless the peer refuses it for
-the whole drain time.
+the whole drain time. The shutdown is event-driven: each connection that
+ends tells it (:meth:`GracefulShutdown.connection_closed`), and two timers
+mark the ends of the grace and drain periods; nothing polls.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import ShutdownTimeout
 
 if TYPE_CHECKING:
-    from .futures import Future
-    from .loop import Reactor
     from .server import Server
-    from .transport import SocketTransport
 
-#: Seconds between checks for connections that are still open.
-POLL_INTERVAL = 0.01
+
+class GracefulShutdown:
+    """One graceful shutdown in progress; :attr:`done` completes when it is over."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        servers: Iterable[Server],
+        connections: Callable[[], Iterable[Any]],
+        grace: float,
+        drain: float,
+    ) -> None:
+        if grace < 0 or drain < 0:
+            raise ValueError(f"grace ({grace!r}) and drain ({drain!r}) must be >= 0 seconds")
+        self._loop = loop
+        self._servers = list(servers)
+        self._connections = connections
+        self._grace = grace
+        self._drain = drain
+        self._timers: list[asyncio.TimerHandle] = []
+        #: Done (with None) when no connection is left.
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    def start(self) -> None:
+        """Phase 1, and the timers of phases 2 and 3."""
+        for server in self._servers:
+            server.begin_shutdown(self)
+        for transport in list(self._connections()):
+            transport.shutdown_requested()
+        loop = self._loop
+        self._timers = [
+            loop.call_later(self._grace, self._close_remaining),
+            loop.call_later(self._grace + self._drain, self._abort_remaining),
+        ]
+        self.connection_closed()
+
+    def connection_closed(self) -> None:
+        """A connection ended: finish if it was the last one."""
+        if self.done.done():
+            return
+        for _ in self._connections():
+            return
+        for timer in self._timers:
+            timer.cancel()
+        self.done.set_result(None)
+
+    def _close_remaining(self) -> None:
+        for transport in list(self._connections()):
+            transport.close()
+
+    def _abort_remaining(self) -> None:
+        total = self._grace + self._drain
+        for transport in list(self._connections()):
+            transport.abort_with(
+                ShutdownTimeout(
+                    f"connection aborted: it did not finish within the {self._grace:g} s grace "
+                    f"period nor flush its data within {self._drain:g} s more",
+                    total,
+                )
+            )
 
 
 def graceful_shutdown(
-    reactor: Reactor,
+    loop: asyncio.AbstractEventLoop,
     servers: Iterable[Server],
-    connections: Callable[[], list[SocketTransport]],
     grace: float,
     drain: float,
-) -> Future[None]:
-    """Run the phases above; the future is done when no connection is left."""
-    if grace < 0 or drain < 0:
-        raise ValueError(f"grace ({grace!r}) and drain ({drain!r}) must be >= 0 seconds")
-    for server in list(servers):
-        server.close()
-    for transport in connections():
-        transport._shutdown_requested()
-    done: Future[None] = reactor.create_future()
-    grace_end = reactor.time() + grace
-    drain_end = grace_end + drain
-    closing = False
+    connections: Callable[[], Iterable[Any]] | None = None,
+) -> asyncio.Future[None]:
+    """Run the phases above for ``servers`` (and ``connections``, default theirs)."""
+    servers = list(servers)
+    if connections is None:
 
-    def check() -> None:
-        nonlocal closing
-        left = connections()
-        if not left:
-            if not done.done():
-                done.set_result(None)
-            return
-        now = reactor.time()
-        if now >= drain_end:
-            for transport in left:
-                transport._expire(
-                    ShutdownTimeout(
-                        f"connection aborted: it did not finish within the {grace:g} s grace "
-                        f"period nor flush its data within {drain:g} s more",
-                        grace + drain,
-                    )
-                )
-        elif now >= grace_end and not closing:
-            closing = True
-            for transport in left:
-                transport.close()
-        reactor.call_later(POLL_INTERVAL, check)
+        def connections() -> Iterable[Any]:
+            for server in servers:
+                yield from server.connections
 
-    reactor.call_soon(check)
-    return done
+    shutdown = GracefulShutdown(loop, servers, connections, grace, drain)
+    shutdown.start()
+    return shutdown.done

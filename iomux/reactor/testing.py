@@ -6,11 +6,12 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from .futures import Future
 from .loop import Reactor
 
 #: Bytes one ``recv()`` may return; bounds how far a write buffer overshoots.
-from .transport import READ_SIZE
+from .readiness import READ_SIZE
+
+Future = asyncio.Future
 
 __all__ = ["READ_SIZE", "Recorder", "collect_errors"]
 

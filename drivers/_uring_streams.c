@@ -1,0 +1,743 @@
+/*
+ * _uring_streams.c - stream connections driven by the ring, for the event loop.
+ *
+ * Included by _uring_helper.c.  The loop's completion transports do not
+ * queue io_uring operations themselves: per loop iteration, Python hands
+ * this code one array of stream records (open, read, pause, send, shut
+ * down, close, listen...) and the bytes its transports wrote, in the same
+ * iomux_enter() call that waits.  This code keeps one connection table
+ * indexed by slot, turns records into operations (a multishot receive into
+ * a provided-buffer ring, one send in flight per connection with the rest
+ * buffered here, a guard poll, a multishot accept per listener), reaps
+ * their completions, copies received bytes into one data area and gives
+ * the provided buffers back at once, and hands Python one compact array of
+ * events (slot, kind, result, offset): one Python step per received
+ * message, nothing per send.
+ *
+ * Every operation of a slot is counted while it is in the kernel; a slot
+ * that is closing reports CLOSED only when that count is back to zero, so
+ * no completion ever arrives for a slot Python has reused, and no
+ * operation ever runs on a file descriptor number Python has closed.
+ */
+
+/* user_data of a stream operation: IOMUX_UD_STREAM | kind << 40 | slot. */
+#define IOMUX_UD_STREAM (1ULL << 60)
+enum { SK_RECV = 1, SK_SEND = 2, SK_GUARD = 3, SK_CANCEL = 4, SK_ACCEPT = 5 };
+
+/* One record from Python (16 bytes). */
+struct iomux_sop {
+    uint32_t kind;
+    uint32_t slot;
+    uint64_t arg;
+};
+enum {
+    IOMUX_SOP_OPEN = 1,    /* arg = fd of a connected socket (nothing armed yet) */
+    IOMUX_SOP_READ = 2,    /* receive (again) */
+    IOMUX_SOP_PAUSE = 3,   /* stop receiving */
+    IOMUX_SOP_SEND = 4,    /* arg = byte count, taken from the stage in record order */
+    IOMUX_SOP_SHUT_WR = 5, /* shutdown(SHUT_WR) once everything is sent */
+    IOMUX_SOP_CLOSE = 6,   /* arg = 0: once everything is sent (DRAINED), 1: now */
+    IOMUX_SOP_NOTIFY = 7,  /* arg = a sent total: report SENT when it is reached */
+    IOMUX_SOP_LISTEN = 8,  /* arg = fd of a listening socket: accept (again, after
+                              ACCEPT_END, on the same slot) */
+    IOMUX_SOP_COUNT = 9
+};
+
+/* One event to Python (16 bytes). */
+struct iomux_sev {
+    uint32_t slot;
+    uint32_t kind;
+    int32_t res;
+    uint32_t off;
+};
+enum {
+    IOMUX_SEV_DATA = 1,       /* res bytes at off in the data area */
+    IOMUX_SEV_EOF = 2,        /* the peer ended its side */
+    IOMUX_SEV_ERROR = 3,      /* res = -errno; off = what failed: IOMUX_ERR_* */
+    IOMUX_SEV_SENT = 4,       /* the total NOTIFY asked for was sent */
+    IOMUX_SEV_DRAINED = 5,    /* a CLOSE(0): everything was sent, the connection is over */
+    IOMUX_SEV_CLOSED = 6,     /* nothing of the slot is left in the kernel */
+    IOMUX_SEV_ACCEPTED = 7,   /* res = the new connection's fd */
+    IOMUX_SEV_ACCEPT_END = 8, /* res = 0 or -errno: the multishot accept ended */
+};
+
+/* What an ERROR event's off says failed. */
+enum { IOMUX_ERR_RECV = 0, IOMUX_ERR_SEND = 1, IOMUX_ERR_SHUTDOWN = 2, IOMUX_ERR_RECORD = 3 };
+
+/* The layouts Python packs and unpacks (drivers/_uring.py checks them at import). */
+#define IOMUX_SOP_SIZE sizeof(struct iomux_sop)
+#define IOMUX_SEV_SIZE sizeof(struct iomux_sev)
+#define IOMUX_SEV_OFF_KIND offsetof(struct iomux_sev, kind)
+#define IOMUX_SEV_OFF_RES offsetof(struct iomux_sev, res)
+#define IOMUX_SEV_OFF_OFF offsetof(struct iomux_sev, off)
+_Static_assert(sizeof(struct iomux_sop) == 16 && offsetof(struct iomux_sop, arg) == 8,
+               "stream records are \"=IIQ\"");
+_Static_assert(sizeof(struct iomux_sev) == 16 && offsetof(struct iomux_sev, kind) == 4 &&
+                   offsetof(struct iomux_sev, res) == 8 && offsetof(struct iomux_sev, off) == 12,
+               "stream events are \"=IIiI\"");
+
+/* Connection flags. */
+#define CF_USED 0x1         /* the slot is in use */
+#define CF_READING 0x2      /* Python wants data */
+#define CF_RECV 0x4         /* a multishot receive is in the kernel */
+#define CF_RECV_CANCEL 0x8  /* ...and its cancellation was asked */
+#define CF_SEND 0x10        /* a send is in the kernel */
+#define CF_GUARD 0x20       /* the guard poll is in the kernel */
+#define CF_SHUT_WR 0x40     /* shut down writing once everything is sent */
+#define CF_CLOSING 0x80     /* CLOSE(0): report DRAINED once everything is sent */
+#define CF_DYING 0x100      /* cancelling everything; CLOSED once nothing is left */
+#define CF_LISTENER 0x200   /* a listening socket */
+#define CF_ACCEPT 0x400     /* its multishot accept is in the kernel */
+#define CF_ENDED 0x800      /* end of stream or an error was reported: no more receives */
+#define CF_WRITE_FAILED 0x1000
+#define CF_GUARDED 0x2000   /* the guard poll fired once: do not arm it again */
+
+/* The guard poll: the peer ended its side or the connection broke. */
+#define GUARD_EVENTS (POLLRDHUP | POLLERR | POLLHUP)
+/* A send buffer larger than this is freed when it drains, not kept. */
+#define KEEP_BUFFER 16384
+/* Events, and SQEs, one stream record or completion can produce at most. */
+#define EVENTS_PER_CQE 3
+#define SQES_PER_STEP 4
+
+struct iomux_conn {
+    int fd;
+    uint32_t flags;
+    uint32_t inflight;   /* operations of this slot in the kernel */
+    char *ibuf;          /* bytes of the send in flight: [ioff, ilen) not yet sent */
+    size_t ilen, ioff, icap;
+    char *pbuf;          /* bytes written while a send is in flight */
+    size_t plen, pcap;
+    uint64_t sent;       /* total bytes the kernel confirmed sending */
+    uint64_t notify_at;  /* report SENT once sent >= this (0: not asked) */
+};
+
+struct iomux_streams {
+    struct iomux_conn *conns;
+    unsigned nconns;
+    struct io_uring_buf_ring *br; /* the provided-buffer ring receives pick from */
+    size_t br_bytes;
+    unsigned char *bufs;          /* nbufs * bufsize bytes */
+    unsigned nbufs, bufsize, bmask, bgid;
+    unsigned recycled;            /* buffers added since the last advance */
+    struct iomux_sev *ev;         /* the event array, ev_cap entries (Python's memory) */
+    unsigned ev_cap, nev;
+    unsigned char *data;          /* the data area, data_cap bytes (Python's memory) */
+    size_t data_cap, data_len;
+    int guard;                    /* arm the guard poll on each connection */
+};
+
+static struct iomux_conn *conn_at(struct iomux_streams *s, uint32_t slot)
+{
+    unsigned n;
+    struct iomux_conn *grown;
+
+    if (slot < s->nconns)
+        return &s->conns[slot];
+    if (slot > 0x3FFFFFFF)
+        return NULL;
+    n = s->nconns ? s->nconns : 64;
+    while (n <= slot)
+        n *= 2;
+    grown = realloc(s->conns, n * sizeof *grown);
+    if (!grown)
+        return NULL;
+    memset(grown + s->nconns, 0, (n - s->nconns) * sizeof *grown);
+    s->conns = grown;
+    s->nconns = n;
+    return &s->conns[slot];
+}
+
+static uint64_t stream_ud(unsigned kind, uint32_t slot)
+{
+    return IOMUX_UD_STREAM | (uint64_t)kind << 40 | slot;
+}
+
+static void emit(struct iomux_streams *s, uint32_t slot, unsigned kind, int32_t res, uint32_t off)
+{
+    struct iomux_sev *e;
+
+    if (s->nev == s->ev_cap)
+        return; /* cannot happen: room is checked before each record and completion */
+    e = &s->ev[s->nev++];
+    e->slot = slot;
+    e->kind = kind;
+    e->res = res;
+    e->off = off;
+}
+
+static int arm_recv(iomux_ring *r, struct iomux_conn *c, uint32_t slot)
+{
+    struct io_uring_sqe *sqe;
+    int err = 0;
+
+    sqe = get_sqe(r, &err);
+    if (!sqe)
+        return err;
+    io_uring_prep_recv_multishot(sqe, c->fd, NULL, 0, 0);
+    sqe->flags |= IOSQE_BUFFER_SELECT;
+    sqe->buf_group = (uint16_t)r->streams->bgid;
+    io_uring_sqe_set_data64(sqe, stream_ud(SK_RECV, slot));
+    c->flags |= CF_RECV;
+    c->inflight++;
+    return 0;
+}
+
+static int arm_guard(iomux_ring *r, struct iomux_conn *c, uint32_t slot)
+{
+    struct io_uring_sqe *sqe;
+    int err = 0;
+
+    sqe = get_sqe(r, &err);
+    if (!sqe)
+        return err;
+    io_uring_prep_poll_add(sqe, c->fd, GUARD_EVENTS);
+    io_uring_sqe_set_data64(sqe, stream_ud(SK_GUARD, slot));
+    c->flags |= CF_GUARD;
+    c->inflight++;
+    return 0;
+}
+
+static int cancel_recv(iomux_ring *r, struct iomux_conn *c, uint32_t slot)
+{
+    struct io_uring_sqe *sqe;
+    int err = 0;
+
+    sqe = get_sqe(r, &err);
+    if (!sqe)
+        return err;
+    /* Only a failure completes (SKIP_SUCCESS); it is not counted in flight. */
+    io_uring_prep_cancel64(sqe, stream_ud(SK_RECV, slot), 0);
+    sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+    io_uring_sqe_set_data64(sqe, stream_ud(SK_CANCEL, slot));
+    c->flags |= CF_RECV_CANCEL;
+    return 0;
+}
+
+static int cancel_all(iomux_ring *r, struct iomux_conn *c, uint32_t slot)
+{
+    struct io_uring_sqe *sqe;
+    int err = 0;
+
+    sqe = get_sqe(r, &err);
+    if (!sqe)
+        return err;
+    io_uring_prep_cancel_fd(sqe, c->fd, IORING_ASYNC_CANCEL_ALL);
+    sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+    io_uring_sqe_set_data64(sqe, stream_ud(SK_CANCEL, slot));
+    return 0;
+}
+
+static int submit_send(iomux_ring *r, struct iomux_conn *c, uint32_t slot)
+{
+    struct io_uring_sqe *sqe;
+    size_t len = c->ilen - c->ioff;
+    int err = 0;
+
+    sqe = get_sqe(r, &err);
+    if (!sqe)
+        return err;
+    if (len > (1U << 30))
+        len = 1U << 30; /* a short send, as the kernel may make anyway */
+    io_uring_prep_send(sqe, c->fd, c->ibuf + c->ioff, len, MSG_NOSIGNAL);
+    io_uring_sqe_set_data64(sqe, stream_ud(SK_SEND, slot));
+    c->flags |= CF_SEND;
+    c->inflight++;
+    return 0;
+}
+
+static int grow(char **buf, size_t *cap, size_t need)
+{
+    size_t n = *cap ? *cap : 256;
+    char *b;
+
+    if (need <= *cap)
+        return 0;
+    while (n < need)
+        n *= 2;
+    b = realloc(*buf, n);
+    if (!b)
+        return -ENOMEM;
+    *buf = b;
+    *cap = n;
+    return 0;
+}
+
+static void free_buffers(struct iomux_conn *c)
+{
+    free(c->ibuf);
+    free(c->pbuf);
+    c->ibuf = c->pbuf = NULL;
+    c->ilen = c->ioff = c->icap = c->plen = c->pcap = 0;
+}
+
+/* Nothing of the slot left in the kernel: report it, free the slot. */
+static void maybe_closed(struct iomux_streams *s, struct iomux_conn *c, uint32_t slot)
+{
+    if (!(c->flags & CF_DYING) || c->inflight)
+        return;
+    free_buffers(c);
+    c->flags = 0;
+    c->sent = c->notify_at = 0;
+    emit(s, slot, IOMUX_SEV_CLOSED, 0, 0);
+}
+
+static int start_dying(iomux_ring *r, struct iomux_conn *c, uint32_t slot)
+{
+    int err = 0;
+
+    if (c->flags & CF_DYING)
+        return 0;
+    c->flags |= CF_DYING;
+    c->flags &= ~(CF_READING | CF_CLOSING | CF_SHUT_WR);
+    c->plen = 0;
+    if (c->inflight)
+        err = cancel_all(r, c, slot);
+    maybe_closed(r->streams, c, slot);
+    return err;
+}
+
+/* Everything written is sent: half-close or finish a graceful close. */
+static int on_drained(iomux_ring *r, struct iomux_conn *c, uint32_t slot)
+{
+    struct iomux_streams *s = r->streams;
+
+    if (c->icap > KEEP_BUFFER) {
+        free(c->ibuf);
+        c->ibuf = NULL;
+        c->icap = 0;
+    }
+    if (c->pcap > KEEP_BUFFER) {
+        free(c->pbuf);
+        c->pbuf = NULL;
+        c->pcap = 0;
+    }
+    if (c->flags & CF_SHUT_WR) {
+        c->flags &= ~CF_SHUT_WR;
+        if (shutdown(c->fd, SHUT_WR) < 0 && errno != ENOTCONN)
+            emit(s, slot, IOMUX_SEV_ERROR, -errno, IOMUX_ERR_SHUTDOWN);
+    }
+    if (c->flags & CF_CLOSING) {
+        c->flags &= ~CF_CLOSING;
+        emit(s, slot, IOMUX_SEV_DRAINED, 0, 0);
+        return start_dying(r, c, slot);
+    }
+    return 0;
+}
+
+static void check_notify(struct iomux_streams *s, struct iomux_conn *c, uint32_t slot)
+{
+    if (c->notify_at && c->sent >= c->notify_at) {
+        c->notify_at = 0;
+        emit(s, slot, IOMUX_SEV_SENT, 0, 0);
+    }
+}
+
+/* Append n bytes of data to the slot's writes; send them if nothing is in flight. */
+static int stream_send(iomux_ring *r, struct iomux_conn *c, uint32_t slot,
+                       const unsigned char *data, size_t n)
+{
+    int err;
+
+    if (c->flags & (CF_DYING | CF_WRITE_FAILED))
+        return 0; /* dropped: the connection is going */
+    if (c->flags & CF_SEND) {
+        err = grow(&c->pbuf, &c->pcap, c->plen + n);
+        if (err) {
+            c->flags |= CF_WRITE_FAILED;
+            return err;
+        }
+        memcpy(c->pbuf + c->plen, data, n);
+        c->plen += n;
+        return 0;
+    }
+    err = grow(&c->ibuf, &c->icap, n);
+    if (err) {
+        c->flags |= CF_WRITE_FAILED;
+        return err;
+    }
+    memcpy(c->ibuf, data, n);
+    c->ilen = n;
+    c->ioff = 0;
+    return submit_send(r, c, slot);
+}
+
+/* Apply one record.  Returns 0 or -errno (the record is then dropped). */
+static int stream_record(iomux_ring *r, const struct iomux_sop *op, const unsigned char *stage,
+                         size_t stage_len, size_t *stage_off)
+{
+    struct iomux_streams *s = r->streams;
+    struct iomux_conn *c = conn_at(s, op->slot);
+    struct io_uring_sqe *sqe;
+    int err = 0;
+
+    if (!c)
+        return -ENOMEM;
+    switch (op->kind) {
+    case IOMUX_SOP_OPEN:
+    case IOMUX_SOP_LISTEN:
+        if (op->kind == IOMUX_SOP_LISTEN && (c->flags & CF_LISTENER) &&
+            !(c->flags & (CF_ACCEPT | CF_DYING)) && (uint64_t)c->fd == op->arg) {
+            /* Accept again after the multishot accept ended. */
+            sqe = get_sqe(r, &err);
+            if (!sqe)
+                return err;
+            io_uring_prep_multishot_accept(sqe, c->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+            io_uring_sqe_set_data64(sqe, stream_ud(SK_ACCEPT, op->slot));
+            c->flags |= CF_ACCEPT;
+            c->inflight++;
+            return 0;
+        }
+        if (c->flags & CF_USED)
+            return -EBUSY; /* a slot still in use: reported as an error */
+        memset(c, 0, sizeof *c);
+        c->fd = (int)op->arg;
+        c->flags = CF_USED;
+        if (op->kind == IOMUX_SOP_LISTEN) {
+            c->flags |= CF_LISTENER | CF_ACCEPT;
+            sqe = get_sqe(r, &err);
+            if (!sqe)
+                return err;
+            io_uring_prep_multishot_accept(sqe, c->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+            io_uring_sqe_set_data64(sqe, stream_ud(SK_ACCEPT, op->slot));
+            c->inflight++;
+        } else if (s->guard) {
+            err = arm_guard(r, c, op->slot);
+        }
+        return err;
+    case IOMUX_SOP_READ:
+        if (!(c->flags & CF_USED) || (c->flags & (CF_DYING | CF_LISTENER)))
+            return 0;
+        c->flags |= CF_READING;
+        if (!(c->flags & (CF_RECV | CF_ENDED)))
+            err = arm_recv(r, c, op->slot);
+        /* CF_RECV_CANCEL: the old receive's last completion re-arms it. */
+        return err;
+    case IOMUX_SOP_PAUSE:
+        if (!(c->flags & CF_USED))
+            return 0;
+        c->flags &= ~CF_READING;
+        if ((c->flags & CF_RECV) && !(c->flags & CF_RECV_CANCEL))
+            err = cancel_recv(r, c, op->slot);
+        return err;
+    case IOMUX_SOP_SEND:
+        if (op->arg > stage_len - *stage_off)
+            return -EINVAL;
+        err = (c->flags & CF_USED)
+                  ? stream_send(r, c, op->slot, stage + *stage_off, (size_t)op->arg)
+                  : 0;
+        *stage_off += (size_t)op->arg;
+        return err;
+    case IOMUX_SOP_SHUT_WR:
+        if (!(c->flags & CF_USED) || (c->flags & CF_DYING))
+            return 0;
+        c->flags |= CF_SHUT_WR;
+        if (!(c->flags & CF_SEND))
+            return on_drained(r, c, op->slot);
+        return 0;
+    case IOMUX_SOP_CLOSE:
+        if (!(c->flags & CF_USED) || (c->flags & CF_DYING))
+            return 0;
+        c->flags &= ~CF_READING;
+        if (op->arg || (c->flags & (CF_LISTENER | CF_WRITE_FAILED)))
+            return start_dying(r, c, op->slot);
+        c->flags |= CF_CLOSING;
+        if ((c->flags & CF_RECV) && !(c->flags & CF_RECV_CANCEL))
+            err = cancel_recv(r, c, op->slot);
+        if (!err && !(c->flags & CF_SEND))
+            err = on_drained(r, c, op->slot);
+        return err;
+    case IOMUX_SOP_NOTIFY:
+        if (!(c->flags & CF_USED))
+            return 0;
+        c->notify_at = op->arg;
+        check_notify(s, c, op->slot);
+        return 0;
+    }
+    return -EINVAL;
+}
+
+/* Room for what one more record or completion may produce: a few events,
+ * and a few SQEs (submitting what is queued to make room), so that the
+ * operations a step queues can always be had. */
+static int stream_room(iomux_ring *r)
+{
+    if (r->streams->nev + EVENTS_PER_CQE > r->streams->ev_cap)
+        return 0;
+    if (io_uring_sq_space_left(&r->ring) >= SQES_PER_STEP)
+        return 1;
+    io_uring_submit(&r->ring);
+    return io_uring_sq_space_left(&r->ring) >= SQES_PER_STEP;
+}
+
+/* Apply the records; *done counts those consumed.  Stops early when there is
+ * no room for what the next one may produce (the rest is passed again). */
+static int stream_records(iomux_ring *r, const struct iomux_sop *ops, unsigned nops,
+                          const unsigned char *stage, size_t stage_len, int64_t *done,
+                          int64_t *stage_used)
+{
+    size_t off = 0;
+    unsigned i;
+    int err;
+
+    for (i = 0; i < nops; i++) {
+        if (!stream_room(r))
+            break;
+        err = stream_record(r, &ops[i], stage, stage_len, &off);
+        if (err < 0)
+            emit(r->streams, ops[i].slot, IOMUX_SEV_ERROR, err, IOMUX_ERR_RECORD);
+    }
+    *done = i;
+    *stage_used = (int64_t)off;
+    return 0;
+}
+
+/* Publish the buffers given back since the last call to the kernel. */
+static void streams_publish(struct iomux_streams *s)
+{
+    if (s && s->recycled) {
+        io_uring_buf_ring_advance(s->br, (int)s->recycled);
+        s->recycled = 0;
+    }
+}
+
+static void recycle(struct iomux_streams *s, unsigned bid)
+{
+    io_uring_buf_ring_add(s->br, s->bufs + (size_t)bid * s->bufsize, s->bufsize,
+                          (unsigned short)bid, (int)s->bmask, (int)s->recycled);
+    s->recycled++;
+}
+
+/* Can this stream completion be handled with the room left?  A receive needs
+ * its bytes in the data area, and every completion a few event slots. */
+static int stream_cqe_fits(iomux_ring *r, const struct io_uring_cqe *cqe)
+{
+    struct iomux_streams *s = r->streams;
+
+    if (!stream_room(r))
+        return 0;
+    if (((cqe->user_data >> 40) & 0xFF) == SK_RECV && cqe->res > 0 &&
+        s->data_len + (size_t)cqe->res > s->data_cap)
+        return 0;
+    return 1;
+}
+
+/* Handle one completion of a stream operation. */
+static void stream_cqe(iomux_ring *r, const struct io_uring_cqe *cqe)
+{
+    struct iomux_streams *s = r->streams;
+    uint32_t slot = (uint32_t)(cqe->user_data & 0xFFFFFFFFu);
+    unsigned kind = (unsigned)((cqe->user_data >> 40) & 0xFF);
+    struct iomux_conn *c;
+    int more = (cqe->flags & IORING_CQE_F_MORE) != 0;
+    int res = cqe->res;
+
+    if (slot >= s->nconns)
+        return;
+    c = &s->conns[slot];
+    switch (kind) {
+    case SK_RECV:
+        if (cqe->flags & IORING_CQE_F_BUFFER) {
+            unsigned bid = cqe->flags >> IORING_CQE_BUFFER_SHIFT;
+
+            if (res > 0 && bid < s->nbufs && !(c->flags & CF_DYING)) {
+                memcpy(s->data + s->data_len, s->bufs + (size_t)bid * s->bufsize, (size_t)res);
+                emit(s, slot, IOMUX_SEV_DATA, res, (uint32_t)s->data_len);
+                s->data_len += (size_t)res;
+            }
+            if (bid < s->nbufs)
+                recycle(s, bid);
+        }
+        if (more)
+            return;
+        c->inflight--;
+        c->flags &= ~(CF_RECV | CF_RECV_CANCEL);
+        if (c->flags & CF_DYING) {
+            maybe_closed(s, c, slot);
+        } else if (res == 0) {
+            c->flags |= CF_ENDED;
+            emit(s, slot, IOMUX_SEV_EOF, 0, 0);
+        } else if (res < 0 && res != -ENOBUFS && res != -ECANCELED) {
+            c->flags |= CF_ENDED;
+            emit(s, slot, IOMUX_SEV_ERROR, res, IOMUX_ERR_RECV);
+        } else if ((c->flags & CF_READING) && !(c->flags & CF_ENDED)) {
+            /* Out of buffers, cancelled by a pause that was taken back, a
+             * guard restart, or ended by the kernel after data. */
+            arm_recv(r, c, slot);
+        }
+        return;
+    case SK_SEND:
+        c->inflight--;
+        c->flags &= ~CF_SEND;
+        if (c->flags & CF_DYING) {
+            maybe_closed(s, c, slot);
+            return;
+        }
+        if (res < 0) {
+            c->flags |= CF_WRITE_FAILED;
+            c->plen = 0;
+            c->ilen = c->ioff = 0;
+            emit(s, slot, IOMUX_SEV_ERROR, res, IOMUX_ERR_SEND);
+            return;
+        }
+        c->sent += (uint64_t)res;
+        c->ioff += (size_t)res;
+        if (c->ioff < c->ilen) {
+            submit_send(r, c, slot); /* a short send: the rest */
+        } else if (c->plen) {
+            char *b = c->ibuf;
+            size_t cap = c->icap;
+
+            c->ibuf = c->pbuf;
+            c->icap = c->pcap;
+            c->ilen = c->plen;
+            c->ioff = 0;
+            c->pbuf = b;
+            c->pcap = cap;
+            c->plen = 0;
+            submit_send(r, c, slot);
+        } else {
+            c->ilen = c->ioff = 0;
+        }
+        check_notify(s, c, slot);
+        if (!(c->flags & CF_SEND))
+            on_drained(r, c, slot);
+        return;
+    case SK_GUARD:
+        c->inflight--;
+        c->flags &= ~CF_GUARD;
+        if (c->flags & CF_DYING) {
+            maybe_closed(s, c, slot);
+            return;
+        }
+        c->flags |= CF_GUARDED;
+        /* A multishot receive can miss the wake-up of a peer's reset or end
+         * of stream and then wait forever: restart it; a fresh receive reads
+         * what is left, then reports the end. */
+        if (res > 0 && (c->flags & CF_RECV) && !(c->flags & CF_RECV_CANCEL))
+            cancel_recv(r, c, slot);
+        return;
+    case SK_CANCEL:
+        /* Only failures complete.  EALREADY: the operation was running; it
+         * completes soon, but a multishot one may go on: ask again. */
+        if (res != -EALREADY)
+            return;
+        if (c->flags & CF_DYING) {
+            if (c->inflight)
+                cancel_all(r, c, slot);
+        } else if (c->flags & CF_RECV_CANCEL) {
+            cancel_recv(r, c, slot);
+        }
+        return;
+    case SK_ACCEPT:
+        if (res >= 0) {
+            if (c->flags & CF_DYING)
+                close(res); /* accepted while closing: nobody will serve it */
+            else
+                emit(s, slot, IOMUX_SEV_ACCEPTED, res, 0);
+        }
+        if (more)
+            return;
+        c->inflight--;
+        c->flags &= ~CF_ACCEPT;
+        if (c->flags & CF_DYING)
+            maybe_closed(s, c, slot);
+        else
+            emit(s, slot, IOMUX_SEV_ACCEPT_END, res < 0 ? res : 0, 0);
+        return;
+    }
+}
+
+static iomux_streams *iomux_streams_new(iomux_ring *r, unsigned nbufs, unsigned bufsize,
+                                        unsigned bgid, void *events, unsigned ev_cap,
+                                        void *data, size_t data_cap, int guard, int *err)
+{
+    struct io_uring_buf_reg reg;
+    long page = sysconf(_SC_PAGESIZE);
+    iomux_streams *s;
+    unsigned i;
+    int ret;
+
+    if (r->streams) {
+        *err = EBUSY;
+        return NULL;
+    }
+    if (nbufs == 0 || nbufs > 32768 || (nbufs & (nbufs - 1)) || bufsize == 0 ||
+        bgid > 0xFFFF || ev_cap < 4 * EVENTS_PER_CQE || data_cap < bufsize) {
+        *err = EINVAL;
+        return NULL;
+    }
+    s = calloc(1, sizeof *s);
+    if (!s) {
+        *err = ENOMEM;
+        return NULL;
+    }
+    s->bufs = malloc((size_t)nbufs * bufsize);
+    s->br_bytes = (nbufs * sizeof(struct io_uring_buf) + (size_t)page - 1) & ~((size_t)page - 1);
+    s->br = mmap(NULL, s->br_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (!s->bufs || s->br == MAP_FAILED) {
+        if (s->br != MAP_FAILED)
+            munmap(s->br, s->br_bytes);
+        free(s->bufs);
+        free(s);
+        *err = ENOMEM;
+        return NULL;
+    }
+    memset(&reg, 0, sizeof reg);
+    reg.ring_addr = (uint64_t)(uintptr_t)s->br;
+    reg.ring_entries = nbufs;
+    reg.bgid = (uint16_t)bgid;
+    ret = io_uring_register_buf_ring(&r->ring, &reg, 0);
+    if (ret < 0) {
+        munmap(s->br, s->br_bytes);
+        free(s->bufs);
+        free(s);
+        *err = -ret;
+        return NULL;
+    }
+    s->nbufs = nbufs;
+    s->bufsize = bufsize;
+    s->bgid = bgid;
+    s->bmask = (unsigned)io_uring_buf_ring_mask(nbufs);
+    io_uring_buf_ring_init(s->br);
+    for (i = 0; i < nbufs; i++)
+        io_uring_buf_ring_add(s->br, s->bufs + (size_t)i * bufsize, bufsize, (unsigned short)i,
+                              (int)s->bmask, (int)i);
+    io_uring_buf_ring_advance(s->br, (int)nbufs);
+    s->ev = events;
+    s->ev_cap = ev_cap;
+    s->data = data;
+    s->data_cap = data_cap;
+    s->guard = guard;
+    r->streams = s;
+    *err = 0;
+    return s;
+}
+
+/* The total bytes of slot the kernel confirmed sending. */
+static uint64_t iomux_stream_sent(iomux_ring *r, uint32_t slot)
+{
+    struct iomux_streams *s = r->streams;
+
+    if (!s || slot >= s->nconns)
+        return 0;
+    return s->conns[slot].sent;
+}
+
+static void streams_free(iomux_ring *r, int ring_alive)
+{
+    struct iomux_streams *s = r->streams;
+    unsigned i;
+
+    if (!s)
+        return;
+    if (ring_alive)
+        io_uring_unregister_buf_ring(&r->ring, (int)s->bgid);
+    for (i = 0; i < s->nconns; i++)
+        free_buffers(&s->conns[i]);
+    free(s->conns);
+    munmap(s->br, s->br_bytes);
+    free(s->bufs);
+    free(s);
+    r->streams = NULL;
+}
