@@ -20,13 +20,23 @@ Reactor tests also take the ``reactor_io`` fixture: they run once with the
 readiness strategy and once with the completion strategy, which is a skip
 on drivers that do not declare ``capabilities.completion``; so every driver
 has the same number of cases.
+
+The asyncio-compatibility section (``test_asyncio_*.py``) takes the
+``loop_kind`` and ``aio_loop`` fixtures: each of its tests runs once on stock
+asyncio (the reference, id ``asyncio``, once per session whatever the drivers)
+and once on iomux's event loop over every driver under test, so that any
+difference from asyncio is a failing test. ``aio_loop`` is a fresh loop,
+closed afterwards; the test fails if it leaves fds, threads or child
+processes behind.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
-from collections.abc import Iterator
-from typing import Any
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import pytest
 
@@ -92,13 +102,105 @@ def drivers_under_test(config: pytest.Config) -> list[DriverUnderTest]:
     return chosen or [DriverUnderTest(name, backend=name) for name in AUTO_ORDER]
 
 
+#: The id and summary label of stock asyncio, the reference of the asyncio section.
+REFERENCE = "asyncio"
+
+
+class LoopKind:
+    """An event loop the asyncio section runs on: stock asyncio or iomux's over a driver."""
+
+    def __init__(self, label: str, driver: DriverUnderTest | None = None) -> None:
+        self.label = label
+        self.driver = driver
+
+    @property
+    def is_reference(self) -> bool:
+        """Whether this is stock asyncio, the reference."""
+        return self.driver is None
+
+    def new_loop(self) -> asyncio.AbstractEventLoop:
+        """A new, not yet running loop of this kind (fails the test if the driver cannot run)."""
+        if self.driver is None:
+            return asyncio.SelectorEventLoop()
+        import iomux
+
+        cls = self.driver.load()
+        loop = iomux.new_event_loop(cast(Any, cls))
+        backend = getattr(loop, "backend", None)
+        if backend != cls.name:
+            loop.close()
+            pytest.fail(
+                f"iomux.new_event_loop({cls.__name__}) runs on backend {backend!r}, "
+                f"not {cls.name!r}",
+                pytrace=False,
+            )
+        return loop
+
+    def __repr__(self) -> str:
+        return f"LoopKind({self.label!r})"
+
+
+def loop_kinds(config: pytest.Config) -> list[LoopKind]:
+    """Stock asyncio, then iomux's loop on every driver under test."""
+    return [LoopKind(REFERENCE)] + [LoopKind(d.label, d) for d in drivers_under_test(config)]
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrise every test that uses ``driver_under_test`` over the drivers."""
+    """Parametrise over the drivers (``driver_under_test``) or the loops (``loop_kind``)."""
     if "driver_under_test" in metafunc.fixturenames:
         chosen = drivers_under_test(metafunc.config)
         metafunc.parametrize(
             "driver_under_test", chosen, ids=[d.label for d in chosen], scope="session"
         )
+    if "loop_kind" in metafunc.fixturenames:
+        kinds = loop_kinds(metafunc.config)
+        metafunc.parametrize("loop_kind", kinds, ids=[k.label for k in kinds], scope="session")
+
+
+@pytest.fixture
+def aio_guard() -> Iterator[None]:
+    """Fail the test if it hangs, or if it leaves fds, threads or child processes behind."""
+    from .aio_support import LeakCheck, Watchdog
+
+    leaks = LeakCheck()
+    with Watchdog():
+        yield
+    leaks.check()
+
+
+@pytest.fixture
+def aio_loop_factory(
+    loop_kind: LoopKind, aio_guard: None
+) -> Iterator[Callable[[], asyncio.AbstractEventLoop]]:
+    """Make new loops of ``loop_kind``; any the test leaves open are closed afterwards."""
+    from .aio_support import close_loop
+
+    made: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    def factory() -> asyncio.AbstractEventLoop:
+        loop = loop_kind.new_loop()
+        made.append(weakref.ref(loop))
+        return loop
+
+    yield factory
+    for ref in made:
+        loop = ref()
+        if loop is not None:
+            close_loop(loop)
+
+
+@pytest.fixture
+def aio_loop(
+    aio_loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> Iterator[asyncio.AbstractEventLoop]:
+    """A fresh event loop of ``loop_kind``; closed afterwards, and checked for leaks."""
+    from .aio_support import close_loop
+
+    loop = aio_loop_factory()
+    try:
+        yield loop
+    finally:
+        close_loop(loop)
 
 
 @pytest.fixture(scope="session")
@@ -144,4 +246,7 @@ def require(driver: type[Multiplexer] | Multiplexer, trigger: Trigger) -> None:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """Say which drivers the suite runs on."""
     labels: list[Any] = [d.label for d in drivers_under_test(config)]
-    return [f"iomux conformance drivers: {', '.join(labels)}"]
+    return [
+        f"iomux conformance drivers: {', '.join(labels)}",
+        f"asyncio section loops: {REFERENCE} (reference), {', '.join(labels)}",
+    ]

@@ -1167,6 +1167,7 @@ _SOP_SHUT_WR = _const("IOMUX_SOP_SHUT_WR", 5)
 _SOP_CLOSE = _const("IOMUX_SOP_CLOSE", 6)
 _SOP_NOTIFY = _const("IOMUX_SOP_NOTIFY", 7)
 _SOP_LISTEN = _const("IOMUX_SOP_LISTEN", 8)
+_SOP_LIMIT = _const("IOMUX_SOP_LIMIT", 9)
 _sop_pack = SOP.pack_into
 _sev_iter = SEV.iter_unpack
 AT_FDCWD = -100
@@ -1177,7 +1178,17 @@ _CData: Any = _ffi.CData if _ffi is not None else type(None)
 def _check_event_kinds() -> None:
     if _lib is None:
         return
-    for name in ("DATA", "EOF", "ERROR", "SENT", "DRAINED", "CLOSED", "ACCEPTED", "ACCEPT_END"):
+    for name in (
+        "DATA",
+        "EOF",
+        "ERROR",
+        "SENT",
+        "DRAINED",
+        "CLOSED",
+        "ACCEPTED",
+        "ACCEPT_END",
+        "BACKLOG",
+    ):
         if int(getattr(_lib, "IOMUX_SEV_" + name)) != getattr(_port, name):
             raise ImportError(f"iomux.completion.{name} differs from the C helper's event kind")
 
@@ -1332,6 +1343,10 @@ class StreamPort(_port.CompletionPort):
     def notify_sent(self, slot: int, total: int) -> None:
         """Report SENT once the bytes sent on ``slot`` reach ``total``."""
         self._push(_SOP_NOTIFY, slot, total)
+
+    def limit_backlog(self, slot: int, limit: int) -> None:
+        """Report BACKLOG when more than ``limit`` bytes of ``slot`` are not sent yet."""
+        self._push(_SOP_LIMIT, slot, limit)
 
     def sent(self, slot: int) -> int:
         """The total bytes the kernel confirmed sending on ``slot``."""

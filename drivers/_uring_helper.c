@@ -626,6 +626,8 @@ static int iomux_enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *
     int ret = enter(r, ops_buf, nops, out_buf, cap, min_complete, timeout_ns, flags, sops,
                     nsops, stage, stage_len, status);
 
+    streams_check_backlogs(r->streams);
+
     status[4] = r->streams ? r->streams->nev : 0;
     status[5] = r->streams ? (int64_t)r->streams->data_len : 0;
     return ret;

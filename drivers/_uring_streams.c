@@ -40,7 +40,8 @@ enum {
     IOMUX_SOP_NOTIFY = 7,  /* arg = a sent total: report SENT when it is reached */
     IOMUX_SOP_LISTEN = 8,  /* arg = fd of a listening socket: accept (again, after
                               ACCEPT_END, on the same slot) */
-    IOMUX_SOP_COUNT = 9
+    IOMUX_SOP_LIMIT = 9,   /* arg = the backlog above which BACKLOG is reported */
+    IOMUX_SOP_COUNT = 10
 };
 
 /* One event to Python (16 bytes). */
@@ -59,6 +60,7 @@ enum {
     IOMUX_SEV_CLOSED = 6,     /* nothing of the slot is left in the kernel */
     IOMUX_SEV_ACCEPTED = 7,   /* res = the new connection's fd */
     IOMUX_SEV_ACCEPT_END = 8, /* res = 0 or -errno: the multishot accept ended */
+    IOMUX_SEV_BACKLOG = 9,    /* res = bytes written and not sent yet, now above the limit */
 };
 
 /* What an ERROR event's off says failed. */
@@ -91,9 +93,13 @@ _Static_assert(sizeof(struct iomux_sev) == 16 && offsetof(struct iomux_sev, kind
 #define CF_ENDED 0x800      /* end of stream or an error was reported: no more receives */
 #define CF_WRITE_FAILED 0x1000
 #define CF_GUARDED 0x2000   /* the guard poll fired once: do not arm it again */
+#define CF_DIRTY 0x4000     /* written to in this call: check its backlog at the end */
+#define CF_BACKLOGGED 0x8000 /* BACKLOG was reported; again only after SENT or a drain */
 
 /* The guard poll: the peer ended its side or the connection broke. */
 #define GUARD_EVENTS (POLLRDHUP | POLLERR | POLLHUP)
+/* The default backlog above which BACKLOG is reported (asyncio's high-water mark). */
+#define DEFAULT_LIMIT 65536
 /* A send buffer larger than this is freed when it drains, not kept. */
 #define KEEP_BUFFER 16384
 /* Events, and SQEs, one stream record or completion can produce at most. */
@@ -110,6 +116,7 @@ struct iomux_conn {
     size_t plen, pcap;
     uint64_t sent;       /* total bytes the kernel confirmed sending */
     uint64_t notify_at;  /* report SENT once sent >= this (0: not asked) */
+    uint64_t limit;      /* report BACKLOG when more than this is not sent yet */
 };
 
 struct iomux_streams {
@@ -125,6 +132,8 @@ struct iomux_streams {
     unsigned char *data;          /* the data area, data_cap bytes (Python's memory) */
     size_t data_cap, data_len;
     int guard;                    /* arm the guard poll on each connection */
+    uint32_t *dirty;              /* slots written to in this call */
+    unsigned ndirty, dirtycap;
 };
 
 static struct iomux_conn *conn_at(struct iomux_streams *s, uint32_t slot)
@@ -329,8 +338,65 @@ static void check_notify(struct iomux_streams *s, struct iomux_conn *c, uint32_t
 {
     if (c->notify_at && c->sent >= c->notify_at) {
         c->notify_at = 0;
+        c->flags &= ~CF_BACKLOGGED;
         emit(s, slot, IOMUX_SEV_SENT, 0, 0);
     }
+}
+
+static size_t backlog_of(const struct iomux_conn *c)
+{
+    return c->plen + (c->ilen - c->ioff);
+}
+
+/* Remember that slot was written to in this call. */
+static void mark_dirty(struct iomux_streams *s, struct iomux_conn *c, uint32_t slot)
+{
+    uint32_t *grown;
+    unsigned n;
+
+    if (c->flags & CF_DIRTY)
+        return;
+    if (s->ndirty == s->dirtycap) {
+        n = s->dirtycap ? s->dirtycap * 2 : 64;
+        grown = realloc(s->dirty, n * sizeof *grown);
+        if (!grown)
+            return; /* not checked this time: flow control reports it later */
+        s->dirty = grown;
+        s->dirtycap = n;
+    }
+    s->dirty[s->ndirty++] = slot;
+    c->flags |= CF_DIRTY;
+}
+
+/* At the end of a call, once the kernel took what it could: report the slots
+ * written to whose backlog is above their limit.  A send the kernel could
+ * take completed in the same call, so what is left is what it refused. */
+static void streams_check_backlogs(struct iomux_streams *s)
+{
+    unsigned i, keep = 0;
+
+    if (!s)
+        return;
+    for (i = 0; i < s->ndirty; i++) {
+        uint32_t slot = s->dirty[i];
+        struct iomux_conn *c = &s->conns[slot];
+        size_t backlog;
+
+        if (s->nev == s->ev_cap) {
+            s->dirty[keep++] = slot; /* no room: checked at the next call */
+            continue;
+        }
+        c->flags &= ~CF_DIRTY;
+        if (!(c->flags & CF_USED) || (c->flags & (CF_DYING | CF_BACKLOGGED)))
+            continue;
+        backlog = backlog_of(c);
+        if (backlog > c->limit) {
+            c->flags |= CF_BACKLOGGED;
+            emit(s, slot, IOMUX_SEV_BACKLOG, backlog > 0x7FFFFFFF ? 0x7FFFFFFF : (int32_t)backlog,
+                 0);
+        }
+    }
+    s->ndirty = keep;
 }
 
 /* Append n bytes of data to the slot's writes; send them if nothing is in flight. */
@@ -341,6 +407,7 @@ static int stream_send(iomux_ring *r, struct iomux_conn *c, uint32_t slot,
 
     if (c->flags & (CF_DYING | CF_WRITE_FAILED))
         return 0; /* dropped: the connection is going */
+    mark_dirty(r->streams, c, slot);
     if (c->flags & CF_SEND) {
         err = grow(&c->pbuf, &c->pcap, c->plen + n);
         if (err) {
@@ -393,6 +460,7 @@ static int stream_record(iomux_ring *r, const struct iomux_sop *op, const unsign
         memset(c, 0, sizeof *c);
         c->fd = (int)op->arg;
         c->flags = CF_USED;
+        c->limit = DEFAULT_LIMIT;
         if (op->kind == IOMUX_SOP_LISTEN) {
             c->flags |= CF_LISTENER | CF_ACCEPT;
             sqe = get_sqe(r, &err);
@@ -452,6 +520,13 @@ static int stream_record(iomux_ring *r, const struct iomux_sop *op, const unsign
             return 0;
         c->notify_at = op->arg;
         check_notify(s, c, op->slot);
+        return 0;
+    case IOMUX_SOP_LIMIT:
+        if (!(c->flags & CF_USED))
+            return 0;
+        c->limit = op->arg;
+        c->flags &= ~CF_BACKLOGGED;
+        mark_dirty(s, c, op->slot);
         return 0;
     }
     return -EINVAL;
@@ -598,6 +673,7 @@ static void stream_cqe(iomux_ring *r, const struct io_uring_cqe *cqe)
             submit_send(r, c, slot);
         } else {
             c->ilen = c->ioff = 0;
+            c->flags &= ~CF_BACKLOGGED;
         }
         check_notify(s, c, slot);
         if (!(c->flags & CF_SEND))
@@ -736,6 +812,7 @@ static void streams_free(iomux_ring *r, int ring_alive)
     for (i = 0; i < s->nconns; i++)
         free_buffers(&s->conns[i]);
     free(s->conns);
+    free(s->dirty);
     munmap(s->br, s->br_bytes);
     free(s->bufs);
     free(s);

@@ -16,9 +16,12 @@ Requests are queued and reach the kernel with the multiplexer's next
   ``-errno``; ``offset`` says what failed: ``FAILED_RECV``,
   ``FAILED_SEND``, ``FAILED_SHUTDOWN`` or ``FAILED_REQUEST``; the slot must
   then be closed);
-- ``SENT`` (the total asked for with :meth:`~CompletionPort.notify_sent`
-  was sent), ``DRAINED`` (a graceful :meth:`~CompletionPort.close`:
-  everything was sent, the connection is over), ``CLOSED`` (nothing of the
+- ``BACKLOG`` (``res`` bytes written on the slot are not sent yet, more
+  than its limit, after the kernel took what it could; reported once
+  until ``SENT`` or the backlog drains), ``SENT`` (the total asked for
+  with :meth:`~CompletionPort.notify_sent` was sent), ``DRAINED`` (a
+  graceful :meth:`~CompletionPort.close`: everything was sent, the
+  connection is over), ``CLOSED`` (nothing of the
   slot is left in the kernel: close the socket; the slot may be reused);
 - ``ACCEPTED`` (``res`` is a new connection's fd) and ``ACCEPT_END``
   (``res`` is 0 or ``-errno``: the listener's accepting ended; listen again
@@ -54,6 +57,7 @@ DRAINED = 5
 CLOSED = 6
 ACCEPTED = 7
 ACCEPT_END = 8
+BACKLOG = 9
 
 #: What an ERROR event's offset says failed.
 FAILED_RECV = 0
@@ -107,6 +111,10 @@ class CompletionPort(ABC):
     @abstractmethod
     def notify_sent(self, slot: int, total: int) -> None:
         """Report ``SENT`` once the bytes sent on ``slot`` reach ``total``."""
+
+    @abstractmethod
+    def limit_backlog(self, slot: int, limit: int) -> None:
+        """Report ``BACKLOG`` when more than ``limit`` bytes are not sent (default 64 KiB)."""
 
     @abstractmethod
     def sent(self, slot: int) -> int:

@@ -23,7 +23,10 @@ import asyncio
 import errno
 import os
 import socket
+import warnings
+import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from iomux import completion as port_events
@@ -44,6 +47,11 @@ _DRAINED = port_events.DRAINED
 _CLOSED = port_events.CLOSED
 _ACCEPTED = port_events.ACCEPTED
 _ACCEPT_END = port_events.ACCEPT_END
+_BACKLOG = port_events.BACKLOG
+#: write() pauses the protocol at once, before the kernel had its chance,
+#: only when this much (or 16 high-water marks) waits to be sent: a writer
+#: that never yields to the loop must still be stopped.
+HARD_BACKLOG = 4 * 1024 * 1024
 _SendfileMode = asyncio.constants._SendfileMode
 
 
@@ -59,8 +67,14 @@ class CompletionIO:
         self._loop = loop
         self._mux = mux
         self._port: CompletionPort | None = None
-        #: slot -> the transport or listener using it.
+        #: slot -> the transport or listener using it (None: see _weak).
         self._slots: list[Any] = []
+        #: slot -> weak reference to an idle transport (see _idle).
+        self._weak: dict[int, weakref.ReferenceType[Any]] = {}
+        #: slot -> fd of a collected transport, closed once the slot is CLOSED.
+        self._orphans: dict[int, int] = {}
+        #: Set when the loop closed (the ring, and every operation, went with it).
+        self.closed = False
 
     def port(self) -> CompletionPort:
         """The driver's completion port (asked for on first use)."""
@@ -78,6 +92,38 @@ class CompletionIO:
     def _closed(self, slot: int) -> None:
         self._slots[slot] = None
         self.port().free(slot)
+
+    def _idle(self, slot: int, owner: Any) -> None:
+        """``owner`` waits for nothing from the kernel: hold it weakly, as asyncio's
+        loop holds a transport that neither reads nor writes, so that an
+        abandoned one is collected (and warns that it was not closed)."""
+        self._slots[slot] = None
+        self._weak[slot] = weakref.ref(owner)
+
+    def _busy(self, slot: int, owner: Any) -> None:
+        """``owner`` waits for the kernel again: hold it strongly."""
+        self._weak.pop(slot, None)
+        self._slots[slot] = owner
+
+    def _orphan(self, slot: int, fd: int) -> None:
+        """A transport was collected without being closed: end its slot, then close ``fd``."""
+        self._weak.pop(slot, None)
+        self._orphans[slot] = fd
+        self.port().close(slot, abort=True)
+
+    def _unowned(self, slot: int, kind: int, res: int) -> None:
+        owner = self._weak.get(slot)
+        target = owner() if owner is not None else None
+        if target is not None:
+            self._busy(slot, target)  # an event for it: it is needed again
+            target._event(kind, res, 0)
+            return
+        if kind == _CLOSED:
+            fd = self._orphans.pop(slot, None)
+            if fd is not None:
+                os.close(fd)
+            self._slots[slot] = None
+            self.port().free(slot)
 
     # -- what the loop calls ------------------------------------------------------
 
@@ -107,6 +153,9 @@ class CompletionIO:
         loop = self._loop
         for slot, kind, res, off in events:
             owner = slots[slot]
+            if owner is None:
+                self._unowned(slot, kind, res)
+                continue
             try:
                 if kind == _DATA and owner._reading:
                     if owner._deadlines is not None:
@@ -161,7 +210,12 @@ class CompletionIO:
     def close(self) -> None:
         """The loop is closing: forget every slot (the ring goes with the multiplexer)."""
         self._slots.clear()
+        self._weak.clear()
+        for fd in self._orphans.values():
+            os.close(fd)
+        self._orphans.clear()
         self._port = None
+        self.closed = True
 
 
 class CompletionStreamTransport(StreamTransport):
@@ -170,6 +224,7 @@ class CompletionStreamTransport(StreamTransport):
     __slots__ = (
         "_acked",
         "_data_received",
+        "_detached",
         "_held",
         "_held_end",
         "_io",
@@ -202,6 +257,7 @@ class CompletionStreamTransport(StreamTransport):
         self._held_end: int | None = None  # 0 (EOF) or -errno met while paused
         self._slot_closed = False
         self._release_wanted = False
+        self._detached = -1
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -312,12 +368,19 @@ class CompletionStreamTransport(StreamTransport):
                 return
             self._reading = False
             self._ended(end)
+            if not self._closing and self._written == self._port.sent(self._slot):
+                self._io._idle(self._slot, self)
         elif kind == _ERROR:
             if not self._conn_lost:
                 self._fatal_error(_error(res), "Fatal write error on socket transport")
-        elif kind == _SENT:
+        elif kind == _BACKLOG or kind == _SENT:
+            if self._conn_lost:
+                return
             self._acked = self._port.sent(self._slot)
-            self._maybe_resume_protocol()
+            if kind == _BACKLOG:
+                self._maybe_pause_protocol()
+            else:
+                self._maybe_resume_protocol()
             self._want_notify()
         elif kind == _DRAINED:
             if not self._conn_lost:
@@ -341,10 +404,13 @@ class CompletionStreamTransport(StreamTransport):
         written = self._written = self._written + len(data)
         if self._deadlines is not None:
             self._last_io = self._loop.time()
-        if written - self._acked > self._high_water and not self._protocol_paused:
+        # Flow control: the port reports BACKLOG when the kernel did not take
+        # the bytes; only a writer that never lets the loop run is paused here.
+        if written - self._acked > HARD_BACKLOG and not self._protocol_paused:
             self._acked = self._port.sent(self._slot)
-            self._maybe_pause_protocol()
-            self._want_notify()
+            if written - self._acked > max(HARD_BACKLOG, 16 * self._high_water):
+                self._maybe_pause_protocol()
+                self._want_notify()
 
     def _want_notify(self) -> None:
         """While writing is paused, ask to be told when the buffer drains to low water."""
@@ -368,6 +434,8 @@ class CompletionStreamTransport(StreamTransport):
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         """Set the buffer sizes at which ``pause_writing``/``resume_writing`` fire."""
         super().set_write_buffer_limits(high, low)
+        if not self._slot_closed:
+            self._port.limit_backlog(self._slot, self._high_water)
         self._want_notify()
 
     # -- reading control ----------------------------------------------------------
@@ -422,16 +490,35 @@ class CompletionStreamTransport(StreamTransport):
         self._lost(exc)
 
     def _release(self) -> None:
-        # The protocol was told; the socket closes once the port let go of it.
+        # The protocol was told. The socket object is closed now, as asyncio's
+        # transports close it, but its fd only once the port let go of it:
+        # until then an operation may still run on that fd number.
         if self._slot_closed:
             self._close_socket()
-        else:
-            self._release_wanted = True
+            return
+        self._release_wanted = True
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self._detached = sock.detach()
 
     def _close_socket(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+        fd, self._detached = self._detached, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
+        self._sock = None
+        if self._slot_closed or self._io.closed:
+            sock.close()  # nothing can run on its fd any more
+        else:
+            self._io._orphan(self._slot, sock.detach())
 
 
 class CompletionListener:
@@ -450,6 +537,7 @@ class CompletionListener:
         self._fd = sock.fileno()
         self._kind = (sock.family, sock.type, sock.proto)
         self._slot: int | None = None
+        self._fd_held = -1
         self._closed = False
         self._backing_off = False
         self.backoff = AcceptBackoff(io._loop)
@@ -473,6 +561,8 @@ class CompletionListener:
         if self._slot is None:
             self._sock.close()
         else:
+            # The socket object closes now; its fd once the accept is cancelled.
+            self._fd_held = self._sock.detach()
             self._io.port().close(self._slot)
 
     def accept_pending(self) -> None:
@@ -528,7 +618,9 @@ class CompletionListener:
             assert self._slot is not None
             self._io._closed(self._slot)
             self._slot = None
-            self._sock.close()
+            fd, self._fd_held = self._fd_held, -1
+            if fd >= 0:
+                os.close(fd)
 
     def _again(self) -> None:
         if self._slot is not None and not self._closed:

@@ -174,7 +174,9 @@ class Reactor(ReadinessReactor):
         self._ensure_fd_no_transport(sock)
         transport: StreamTransport
         if self._completion is not None:
+            fd = sock.fileno()
             transport = self._completion.transport(sock, protocol, waiter, extra, server)
+            self._transports[fd] = transport  # add_reader refuses its fd, as asyncio's
         else:
             transport = self._make_readiness_transport(sock, protocol, waiter, extra, server)
         self._stream_made(transport)

@@ -1106,8 +1106,7 @@ class NetworkReactor(BaseReactor):
     async def _sendfile_fallback(
         self, transport: asyncio.WriteTransport, file: Any, offset: int, count: int | None
     ) -> int:
-        if offset:
-            file.seek(offset)
+        file.seek(offset)  # from offset, as the native path, whatever the file position
         block = min(count, 16384) if count else 16384
         buf = bytearray(block)
         total = 0

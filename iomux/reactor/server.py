@@ -15,6 +15,7 @@ listeners hand each new connection to :meth:`Server.accepted`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import socket
 import stat
@@ -102,6 +103,7 @@ class Server(asyncio.AbstractServer):
             except OSError:
                 pass
         self._shutdown: GracefulShutdown | None = None
+        self._context = contextvars.copy_context()
         #: Connections refused because their fd was beyond the driver's max_fd.
         self.refused_out_of_range = 0
 
@@ -125,8 +127,12 @@ class Server(asyncio.AbstractServer):
             self._shutdown.connection_closed()
 
     def accepted(self, conn: socket.socket, addr: Any) -> None:
-        """A listener accepted ``conn`` from ``addr``: serve it."""
-        self._accept(self, conn, addr)
+        """A listener accepted ``conn`` from ``addr``: serve it.
+
+        As asyncio's, each connection starts in its own copy of the context
+        the server started serving in.
+        """
+        self._context.copy().run(self._accept, self, conn, addr)
 
     # -- asyncio.AbstractServer -------------------------------------------------------
 
@@ -149,6 +155,7 @@ class Server(asyncio.AbstractServer):
         if self._serving or self._sockets is None:
             return
         self._serving = True
+        self._context = contextvars.copy_context()
         for sock in self._sockets:
             sock.listen(self._backlog)
             listener = self._listen(self, sock)

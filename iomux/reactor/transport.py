@@ -380,7 +380,9 @@ class StreamTransport(FlowControlMixin):
         self._conn_lost += 1
         if self._deadlines is not None:
             self._deadlines.cancel()
-        self._loop.call_soon(self._call_connection_lost, exc)
+        # In the context of the protocol's other callbacks (asyncio's
+        # transports end from those callbacks, or from their own handlers).
+        self._loop.call_soon(self._call_connection_lost, exc, context=self._context)
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         try:
