@@ -46,7 +46,16 @@ from .servers import (
 )
 
 DEFAULT_CONNS = (1, 10, 100, 1000)
-KEYS = ("rps", "p50_us", "p99_us", "cpu_us_per_req", "server_busy", "client_busy")
+KEYS = (
+    "rps",
+    "p50_us",
+    "p99_us",
+    "cpu_us_per_req",
+    "user_us_per_req",
+    "sys_us_per_req",
+    "server_busy",
+    "client_busy",
+)
 
 
 @dataclass
@@ -93,11 +102,18 @@ def load_run(spec: ServerSpec, conns: int, cfg: LoadConfig) -> dict[str, Any]:
         return {"error": str(exc)}
     requests = result["requests"]
     cpu = result.get("server_cpu_s")
+    user = result.get("server_user_s")
     return {
         "rps": result["rps"],
         "p50_us": result["p50_us"],
         "p99_us": result["p99_us"],
         "cpu_us_per_req": cpu * 1e6 / requests if cpu is not None and requests else None,
+        "user_us_per_req": user * 1e6 / requests if user is not None and requests else None,
+        "sys_us_per_req": (
+            (cpu - user) * 1e6 / requests
+            if cpu is not None and user is not None and requests
+            else None
+        ),
         "server_busy": result.get("server_cpu_busy"),
         "client_busy": result.get("client_busy"),
         "server_pids": pids,

@@ -119,7 +119,7 @@ static double percentile(double q) {
     return hist_value(HIST_SIZE - 1);
 }
 
-static long long proc_ticks(int pid) {
+static long long proc_ticks(int pid, long long *user_ticks) {
     char p[64], buf[2048];
     snprintf(p, sizeof p, "/proc/%d/stat", pid);
     FILE *f = fopen(p, "r");
@@ -133,6 +133,7 @@ static long long proc_ticks(int pid) {
     /* after ") ": state(3) ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime */
     if (sscanf(s + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
         return -1;
+    if (user_ticks) *user_ticks = (long long)ut;
     return (long long)(ut + st);
 }
 
@@ -452,6 +453,7 @@ int main(int argc, char **argv) {
     uint64_t t_end = t_measure + (uint64_t)(duration * 1e9);
     uint64_t t0 = 0, t1 = 0, empty_ns = 0;
     long long ticks0[MAX_WATCH] = {0}, ticks1[MAX_WATCH] = {0};
+    long long uticks0[MAX_WATCH] = {0}, uticks1[MAX_WATCH] = {0};
     unsigned long long cb0 = 0, ct0 = 0, cb1 = 0, ct1 = 0;
     double cpu0 = 0, cpu1 = 0;
     int live = nconns;
@@ -461,7 +463,7 @@ int main(int argc, char **argv) {
             measuring = 1;
             completed = 0;
             memset(hist, 0, sizeof hist);
-            for (int i = 0; i < nwatch; i++) ticks0[i] = proc_ticks(watch_pids[i]);
+            for (int i = 0; i < nwatch; i++) ticks0[i] = proc_ticks(watch_pids[i], &uticks0[i]);
             if (watch_cpu >= 0) cpu_times(watch_cpu, &cb0, &ct0);
             cpu0 = own_cpu();
             t0 = now_ns();
@@ -469,7 +471,7 @@ int main(int argc, char **argv) {
         }
         if (measuring && (before >= t_end || (max_requests > 0 && completed >= max_requests))) {
             t1 = before;
-            for (int i = 0; i < nwatch; i++) ticks1[i] = proc_ticks(watch_pids[i]);
+            for (int i = 0; i < nwatch; i++) ticks1[i] = proc_ticks(watch_pids[i], &uticks1[i]);
             if (watch_cpu >= 0) cpu_times(watch_cpu, &cb1, &ct1);
             cpu1 = own_cpu();
             break;
@@ -502,11 +504,14 @@ int main(int argc, char **argv) {
     }
     double window = (double)(t1 - t0) / 1e9;
     long clk = sysconf(_SC_CLK_TCK);
-    long long ticks = 0;
+    long long ticks = 0, uticks = 0;
     int ticks_ok = nwatch > 0;
     for (int i = 0; i < nwatch; i++) {
         if (ticks0[i] < 0 || ticks1[i] < 0) ticks_ok = 0;
-        else ticks += ticks1[i] - ticks0[i];
+        else {
+            ticks += ticks1[i] - ticks0[i];
+            uticks += uticks1[i] - uticks0[i];
+        }
     }
     double busy = spin ? 1.0 - (double)empty_ns / 1e9 / window : (cpu1 - cpu0) / window;
     printf("{\"mode\": \"%s\", \"proto\": \"%s\", \"conns\": %d, \"depth\": %d, \"size\": %d, "
@@ -518,9 +523,10 @@ int main(int argc, char **argv) {
            percentile(0.99) / 1e3, percentile(0.999) / 1e3, percentile(1.0) / 1e3, busy,
            cpu1 - cpu0, errors);
     if (ticks_ok)
-        printf(", \"server_cpu_s\": %.4f", (double)ticks / (double)clk);
+        printf(", \"server_cpu_s\": %.4f, \"server_user_s\": %.4f", (double)ticks / (double)clk,
+               (double)uticks / (double)clk);
     else
-        printf(", \"server_cpu_s\": null");
+        printf(", \"server_cpu_s\": null, \"server_user_s\": null");
     if (watch_cpu >= 0 && ct1 > ct0)
         printf(", \"server_cpu_busy\": %.4f", (double)(cb1 - cb0) / (double)(ct1 - ct0));
     else

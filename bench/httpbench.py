@@ -39,7 +39,16 @@ from .plot import bar_plot, line_plot
 from .report import METRICS, busy_table, errors_text, metric_tables, series, summarize
 from .servers import Server, ServerSpec, free_port
 
-KEYS = ("rps", "p50_us", "p99_us", "cpu_us_per_req", "server_busy", "client_busy")
+KEYS = (
+    "rps",
+    "p50_us",
+    "p99_us",
+    "cpu_us_per_req",
+    "user_us_per_req",
+    "sys_us_per_req",
+    "server_busy",
+    "client_busy",
+)
 _UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
 
 
@@ -94,8 +103,10 @@ def wrk_run(spec: ServerSpec, conns: int, cfg: LoadConfig) -> dict[str, Any]:
             if cfg.warmup > 0:
                 _wrk(port, conns, cfg.warmup, cfg.pin)
             cpu0, srv0, cli0 = server.cpu_seconds(), cpu_ticks(SERVER_CPU), cpu_ticks(LOAD_CPU)
+            user0 = server.cpu_seconds(user_only=True)
             text = _wrk(port, conns, cfg.duration, cfg.pin)
             cpu1, srv1, cli1 = server.cpu_seconds(), cpu_ticks(SERVER_CPU), cpu_ticks(LOAD_CPU)
+            user1 = server.cpu_seconds(user_only=True)
             pids = server.pids()
     except BenchError as exc:
         return {"error": str(exc)}
@@ -109,6 +120,11 @@ def wrk_run(spec: ServerSpec, conns: int, cfg: LoadConfig) -> dict[str, Any]:
     requests = result.get("requests")
     cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
     result["cpu_us_per_req"] = cpu * 1e6 / requests if cpu is not None and requests else None
+    user = user1 - user0 if user0 is not None and user1 is not None else None
+    result["user_us_per_req"] = user * 1e6 / requests if user is not None and requests else None
+    result["sys_us_per_req"] = (
+        (cpu - user) * 1e6 / requests if cpu is not None and user is not None and requests else None
+    )
     result["server_busy"] = busy_share(srv0, srv1) if cfg.pin else None
     result["client_busy"] = busy_share(cli0, cli1) if cfg.pin else None
     result["server_pids"] = pids

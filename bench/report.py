@@ -20,6 +20,8 @@ METRICS = (
     ("p50_us", "p50 latency, us (lower is better)"),
     ("p99_us", "p99 latency, us (lower is better)"),
     ("cpu_us_per_req", "Server CPU time per request, us (user+sys from /proc; lower is better)"),
+    ("user_us_per_req", "Server user-space CPU per request, us (utime; lower is better)"),
+    ("sys_us_per_req", "Server kernel CPU per request, us (stime; lower is better)"),
 )
 
 Summary = dict[str, dict[int, dict[str, Any]]]

@@ -338,14 +338,15 @@ def _prepare_child(pin: bool) -> None:
         pass
 
 
-def proc_cpu_seconds(pid: int) -> float | None:
-    """utime+stime of a process, in seconds (None if it is gone)."""
+def proc_cpu_seconds(pid: int, *, user_only: bool = False) -> float | None:
+    """utime+stime (or utime) of a process, in seconds (None if it is gone)."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + (0 if user_only else int(fields[12]))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def proc_rss_bytes(pid: int) -> int | None:
@@ -429,9 +430,9 @@ class Server:
         """The server's process and its descendants (workers)."""
         return [self.proc.pid, *_children(self.proc.pid)]
 
-    def cpu_seconds(self) -> float | None:
-        """Total utime+stime of the server's processes."""
-        values = [proc_cpu_seconds(pid) for pid in self.pids()]
+    def cpu_seconds(self, *, user_only: bool = False) -> float | None:
+        """Total utime+stime (or utime) of the server's processes."""
+        values = [proc_cpu_seconds(pid, user_only=user_only) for pid in self.pids()]
         kept = [v for v in values if v is not None]
         return sum(kept) if kept else None
 

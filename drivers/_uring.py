@@ -1020,6 +1020,8 @@ class Ring:
         r = self._r
         if r is None:
             return
+        if self._streams is not None:
+            self._streams._ring_closing()
         self._r = None
         self._usable = False
         _live.discard(self)
@@ -1253,7 +1255,8 @@ class StreamPort(_port.CompletionPort):
         self._free: list[int] = []
         self._next_slot = 0
         self._sent = _lib.iomux_stream_sent
-        self._r = ring._r
+        self._r: Any = ring._r
+        self._final_sent: dict[int, int] = {}
         # File operations in the kernel: request id -> (callback, what to keep alive).
         self._calls: dict[int, tuple[Callable[[int], object], Any]] = {}
         self._done: list[tuple[tuple[Callable[[int], object], Any], int]] = []
@@ -1350,7 +1353,19 @@ class StreamPort(_port.CompletionPort):
 
     def sent(self, slot: int) -> int:
         """The total bytes the kernel confirmed sending on ``slot``."""
+        if self._r is None:
+            return self._final_sent.get(slot, 0)  # the ring is gone: what it had sent
         return int(self._sent(self._r, slot))
+
+    def _ring_closing(self) -> None:
+        """The ring is about to be freed: keep what was sent, forget the C memory."""
+        free = set(self._free)
+        self._final_sent = {
+            slot: int(self._sent(self._r, slot))
+            for slot in range(self._next_slot)
+            if slot not in free
+        }
+        self._r = None
 
     def free(self, slot: int) -> None:
         """A CLOSED slot is no longer used by the caller: it may be given out again."""

@@ -662,6 +662,7 @@ static int enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_bu
     if (r->streams && (flags & IOMUX_ENTER_NEW_BATCH)) {
         r->streams->nev = 0;
         r->streams->data_len = 0;
+        r->streams->epoch++;
     }
     ret = ensure_enabled(r);
     if (ret < 0)

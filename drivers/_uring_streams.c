@@ -92,7 +92,7 @@ _Static_assert(sizeof(struct iomux_sev) == 16 && offsetof(struct iomux_sev, kind
 #define CF_ACCEPT 0x400     /* its multishot accept is in the kernel */
 #define CF_ENDED 0x800      /* end of stream or an error was reported: no more receives */
 #define CF_WRITE_FAILED 0x1000
-#define CF_GUARDED 0x2000   /* the guard poll fired once: do not arm it again */
+#define CF_GUARDED 0x2000   /* the guard poll fired: one-shot receives from now on */
 #define CF_DIRTY 0x4000     /* written to in this call: check its backlog at the end */
 #define CF_BACKLOGGED 0x8000 /* BACKLOG was reported; again only after SENT or a drain */
 
@@ -102,6 +102,11 @@ _Static_assert(sizeof(struct iomux_sev) == 16 && offsetof(struct iomux_sev, kind
 #define DEFAULT_LIMIT 65536
 /* A send buffer larger than this is freed when it drains, not kept. */
 #define KEEP_BUFFER 16384
+/* Bytes one connection receives into one batch of events, at most (a
+ * completion that would pass it waits for the next batch): no connection
+ * takes a whole iteration, and a protocol that writes what it reads learns
+ * of its backlog before it has read much more. */
+#define SLOT_BATCH_LIMIT 65536
 /* Events, and SQEs, one stream record or completion can produce at most. */
 #define EVENTS_PER_CQE 3
 #define SQES_PER_STEP 4
@@ -117,6 +122,8 @@ struct iomux_conn {
     uint64_t sent;       /* total bytes the kernel confirmed sending */
     uint64_t notify_at;  /* report SENT once sent >= this (0: not asked) */
     uint64_t limit;      /* report BACKLOG when more than this is not sent yet */
+    uint32_t batch;      /* bytes received into the current batch of events */
+    uint32_t batch_epoch;
 };
 
 struct iomux_streams {
@@ -134,6 +141,7 @@ struct iomux_streams {
     int guard;                    /* arm the guard poll on each connection */
     uint32_t *dirty;              /* slots written to in this call */
     unsigned ndirty, dirtycap;
+    uint32_t epoch;               /* counts batches of events (see batch) */
 };
 
 static struct iomux_conn *conn_at(struct iomux_streams *s, uint32_t slot)
@@ -175,15 +183,31 @@ static void emit(struct iomux_streams *s, uint32_t slot, unsigned kind, int32_t 
     e->off = off;
 }
 
+/* Publish the buffers given back since the last call to the kernel. */
+static void streams_publish(struct iomux_streams *s)
+{
+    if (s && s->recycled) {
+        io_uring_buf_ring_advance(s->br, (int)s->recycled);
+        s->recycled = 0;
+    }
+}
+
 static int arm_recv(iomux_ring *r, struct iomux_conn *c, uint32_t slot)
 {
     struct io_uring_sqe *sqe;
     int err = 0;
 
+    streams_publish(r->streams); /* buffers given back reach the kernel first */
     sqe = get_sqe(r, &err);
     if (!sqe)
         return err;
-    io_uring_prep_recv_multishot(sqe, c->fd, NULL, 0, 0);
+    /* Once the guard poll said the peer is done, only what is queued is left
+     * to read: one-shot receives read it, then report the end or the error,
+     * which a multishot receive can miss (a kernel race, liburing#1549). */
+    if (c->flags & CF_GUARDED)
+        io_uring_prep_recv(sqe, c->fd, NULL, 0, 0);
+    else
+        io_uring_prep_recv_multishot(sqe, c->fd, NULL, 0, 0);
     sqe->flags |= IOSQE_BUFFER_SELECT;
     sqe->buf_group = (uint16_t)r->streams->bgid;
     io_uring_sqe_set_data64(sqe, stream_ud(SK_RECV, slot));
@@ -287,7 +311,7 @@ static void maybe_closed(struct iomux_streams *s, struct iomux_conn *c, uint32_t
         return;
     free_buffers(c);
     c->flags = 0;
-    c->sent = c->notify_at = 0;
+    c->notify_at = 0; /* sent stays readable until the slot is given out again */
     emit(s, slot, IOMUX_SEV_CLOSED, 0, 0);
 }
 
@@ -328,6 +352,9 @@ static int on_drained(iomux_ring *r, struct iomux_conn *c, uint32_t slot)
     }
     if (c->flags & CF_CLOSING) {
         c->flags &= ~CF_CLOSING;
+        /* Everything is sent: end the connection now (the peer sees the end
+         * of stream at once); the fd itself closes when the slot is CLOSED. */
+        shutdown(c->fd, SHUT_RDWR);
         emit(s, slot, IOMUX_SEV_DRAINED, 0, 0);
         return start_dying(r, c, slot);
     }
@@ -416,6 +443,13 @@ static int stream_send(iomux_ring *r, struct iomux_conn *c, uint32_t slot,
         }
         memcpy(c->pbuf + c->plen, data, n);
         c->plen += n;
+        /* A send from an earlier call is still in the kernel: it refused
+         * bytes. Report it now, before this call's data reaches Python. */
+        if (backlog_of(c) > c->limit && !(c->flags & CF_BACKLOGGED)) {
+            c->flags |= CF_BACKLOGGED;
+            emit(r->streams, slot, IOMUX_SEV_BACKLOG,
+                 backlog_of(c) > 0x7FFFFFFF ? 0x7FFFFFFF : (int32_t)backlog_of(c), 0);
+        }
         return 0;
     }
     err = grow(&c->ibuf, &c->icap, n);
@@ -567,15 +601,6 @@ static int stream_records(iomux_ring *r, const struct iomux_sop *ops, unsigned n
     return 0;
 }
 
-/* Publish the buffers given back since the last call to the kernel. */
-static void streams_publish(struct iomux_streams *s)
-{
-    if (s && s->recycled) {
-        io_uring_buf_ring_advance(s->br, (int)s->recycled);
-        s->recycled = 0;
-    }
-}
-
 static void recycle(struct iomux_streams *s, unsigned bid)
 {
     io_uring_buf_ring_add(s->br, s->bufs + (size_t)bid * s->bufsize, s->bufsize,
@@ -591,9 +616,15 @@ static int stream_cqe_fits(iomux_ring *r, const struct io_uring_cqe *cqe)
 
     if (!stream_room(r))
         return 0;
-    if (((cqe->user_data >> 40) & 0xFF) == SK_RECV && cqe->res > 0 &&
-        s->data_len + (size_t)cqe->res > s->data_cap)
-        return 0;
+    if (((cqe->user_data >> 40) & 0xFF) == SK_RECV && cqe->res > 0) {
+        uint32_t slot = (uint32_t)(cqe->user_data & 0xFFFFFFFFu);
+
+        if (s->data_len + (size_t)cqe->res > s->data_cap)
+            return 0;
+        if (slot < s->nconns && s->conns[slot].batch_epoch == s->epoch &&
+            s->conns[slot].batch + (uint32_t)cqe->res > SLOT_BATCH_LIMIT)
+            return 0;
+    }
     return 1;
 }
 
@@ -619,6 +650,11 @@ static void stream_cqe(iomux_ring *r, const struct io_uring_cqe *cqe)
                 memcpy(s->data + s->data_len, s->bufs + (size_t)bid * s->bufsize, (size_t)res);
                 emit(s, slot, IOMUX_SEV_DATA, res, (uint32_t)s->data_len);
                 s->data_len += (size_t)res;
+                if (c->batch_epoch != s->epoch) {
+                    c->batch_epoch = s->epoch;
+                    c->batch = 0;
+                }
+                c->batch += (uint32_t)res;
             }
             if (bid < s->nbufs)
                 recycle(s, bid);
@@ -659,6 +695,12 @@ static void stream_cqe(iomux_ring *r, const struct io_uring_cqe *cqe)
         c->ioff += (size_t)res;
         if (c->ioff < c->ilen) {
             submit_send(r, c, slot); /* a short send: the rest */
+            /* The kernel refused bytes: report it before this batch's data. */
+            if (backlog_of(c) > c->limit && !(c->flags & CF_BACKLOGGED)) {
+                c->flags |= CF_BACKLOGGED;
+                emit(s, slot, IOMUX_SEV_BACKLOG,
+                     backlog_of(c) > 0x7FFFFFFF ? 0x7FFFFFFF : (int32_t)backlog_of(c), 0);
+            }
         } else if (c->plen) {
             char *b = c->ibuf;
             size_t cap = c->icap;
@@ -688,8 +730,8 @@ static void stream_cqe(iomux_ring *r, const struct io_uring_cqe *cqe)
         }
         c->flags |= CF_GUARDED;
         /* A multishot receive can miss the wake-up of a peer's reset or end
-         * of stream and then wait forever: restart it; a fresh receive reads
-         * what is left, then reports the end. */
+         * of stream and then wait forever: replace it by one-shot receives
+         * (see arm_recv), which read what is left, then report the end. */
         if (res > 0 && (c->flags & CF_RECV) && !(c->flags & CF_RECV_CANCEL))
             cancel_recv(r, c, slot);
         return;

@@ -2,7 +2,12 @@
 
 ``echo`` sends every byte back (with backpressure: it stops reading while
 the peer is not taking the echo). ``http`` answers every HTTP/1.1 request
-with a keep-alive "Hello, World!", parsing with httptools (``iomux[http]``).
+with a keep-alive "Hello, World!", parsing with httptools (``iomux[http]``);
+with ``--root DIR`` it serves the files under DIR instead (GET and HEAD, with
+Content-Length and keep-alive; 404 for a missing file, 403 for a path that
+leaves DIR by "..", an absolute path or a symbolic link), read through
+:mod:`iomux.files` (io_uring operations on io_uring) and sent with the
+loop's sendfile where the connection's transport has it.
 ``--workers N`` forks N processes that share the port through SO_REUSEPORT.
 ``--io completion`` or ``--io readiness`` chooses how the loop moves the
 connections' bytes (default: completion where the backend has it, e.g.
@@ -15,13 +20,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import errno
+import functools
 import logging
+import mimetypes
 import os
 import signal
 import socket
+import stat
 import sys
-from typing import Any
+import urllib.parse
+from typing import Any, cast
 
+from . import files
 from .reactor import Reactor
 from .reactor.loop import IO_CHOICES, IO_ENV
 from .reactor.server import ProtocolFactory
@@ -107,6 +119,282 @@ class HttpHelloProtocol(asyncio.Protocol):
             self.transport.close()
 
 
+#: Files up to this size are read whole and sent with their headers in one write.
+SMALL_FILE = 256 * 1024
+#: What one read of a larger file asks for, when the transport has no native sendfile.
+FILE_CHUNK = 256 * 1024
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+}
+
+
+class PathRefused(Exception):
+    """A request path that may not be served: ``status`` says why (403, 404, 400)."""
+
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+
+
+def resolve_request_path(root: str, target: bytes) -> str:
+    """The file under ``root`` (a real path) that the request ``target`` names.
+
+    Raises :class:`PathRefused`: 400 for a malformed target (not a path,
+    not UTF-8, a NUL), 403 for one that leaves ``root`` textually (a ".."
+    segment, an absolute path after the leading "/"). Symbolic links are
+    checked on the opened file (see :class:`StaticFileProtocol`).
+    """
+    text = target.decode("latin-1")
+    if text.startswith("/"):  # origin form: the path, then maybe ?query or #fragment
+        raw = text.split("?", 1)[0].split("#", 1)[0]
+    elif "://" in text:  # absolute form (to a proxy)
+        try:
+            raw = urllib.parse.urlsplit(text).path or "/"
+        except ValueError:
+            raise PathRefused(400, "malformed request target") from None
+    else:
+        raise PathRefused(400, "malformed request target")
+    try:
+        path = urllib.parse.unquote(raw, errors="strict") if "%" in raw else raw
+    except UnicodeDecodeError:
+        raise PathRefused(400, "the path is not UTF-8") from None
+    if not path.startswith("/"):
+        raise PathRefused(400, "the request target is not an absolute path")
+    if "\0" in path:
+        raise PathRefused(400, "NUL in the path")
+    rest = path[1:]
+    if rest.startswith("/"):
+        raise PathRefused(403, "absolute path")
+    parts = [p for p in rest.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise PathRefused(403, "the path leaves the root")
+    if not parts or path.endswith("/"):
+        parts.append("index.html")
+    return os.path.join(root, *parts)
+
+
+def _inside(root: str, real: str) -> bool:
+    return real == root or real.startswith(root.rstrip("/") + "/")
+
+
+class StaticFileProtocol(asyncio.Protocol):
+    """HTTP/1.1 keep-alive static files under ``root``, read with :mod:`iomux.files`.
+
+    Requests are answered in order (pipelining), one at a time, by a task
+    per connection.
+    """
+
+    def __init__(self, root: str) -> None:
+        import httptools
+
+        self._root = root
+        self._parser = httptools.HttpRequestParser(self)
+        self._error = httptools.HttpParserError
+        self._upgrade = httptools.HttpParserUpgrade
+        self._url = b""
+        self._requests: collections.deque[tuple[bytes, bytes, bool]] = collections.deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._closing = False
+        self._writable: asyncio.Future[None] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    # -- protocol callbacks --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport."""
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        """Feed the parser; complete requests are queued for the worker."""
+        try:
+            self._parser.feed_data(data)
+        except (self._error, self._upgrade):
+            self._requests.append((b"", b"", False))  # answered 400 in its turn
+            self._start()
+
+    def on_message_begin(self) -> None:
+        """A request started."""
+        self._url = b""
+
+    def on_url(self, url: bytes) -> None:
+        """Part of the request target."""
+        self._url += url
+
+    def on_message_complete(self) -> None:
+        """Queue the request."""
+        method = self._parser.get_method()
+        self._requests.append((method, self._url, self._parser.should_keep_alive()))
+        self._start()
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: the worker waits."""
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        """The transport drained."""
+        waiter, self._writable = self._writable, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Stop answering."""
+        self._closing = True
+        self._requests.clear()
+        if self._worker is not None:
+            self._worker.cancel()
+        self.resume_writing()
+
+    def shutdown_requested(self) -> None:
+        """Graceful shutdown: close now if idle, else after the current response."""
+        self._closing = True
+        if self._worker is None and self.transport is not None:
+            self.transport.close()
+
+    # -- answering -----------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._worker is None and not self._closing:
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def _drain(self) -> None:
+        while self._writable is not None:
+            await self._writable
+
+    async def _work(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        try:
+            while self._requests and not transport.is_closing():
+                method, url, keep_alive = self._requests.popleft()
+                if not method:
+                    transport.write(_response(400, b"bad request\n", keep_alive=False))
+                    transport.close()
+                    return
+                keep_alive = keep_alive and not self._closing
+                await self._answer(transport, method, url, keep_alive)
+                if not keep_alive:
+                    transport.close()
+                    return
+                await self._drain()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("error answering a request")
+            transport.abort()
+        finally:
+            self._worker = None
+        if self._closing and not transport.is_closing():
+            transport.close()
+
+    async def _answer(
+        self, transport: asyncio.Transport, method: bytes, url: bytes, keep_alive: bool
+    ) -> None:
+        if method not in (b"GET", b"HEAD"):
+            transport.write(
+                _response(
+                    405, b"only GET and HEAD\n", keep_alive=keep_alive, extra="Allow: GET, HEAD"
+                )
+            )
+            return
+        try:
+            path = resolve_request_path(self._root, url)
+            path, file = await self._open(path)
+        except PathRefused as refused:
+            body = f"{_REASONS[refused.status].lower()}: {refused}\n".encode()
+            transport.write(_response(refused.status, body, keep_alive=keep_alive))
+            return
+        async with file:
+            size = (await files.stat(file.fileno())).st_size
+            head = method == b"HEAD"
+            ctype = mimetypes.guess_type(path)[0] or "application/octet-stream"
+            headers = _headers(200, size, keep_alive=keep_alive, ctype=ctype)
+            if head:
+                transport.write(headers)
+            elif size <= SMALL_FILE:
+                data = await file.read(size)
+                if len(data) != size:  # it shrank: the length announced cannot be kept
+                    raise OSError(errno.EIO, f"{path} changed while it was sent")
+                transport.write(headers + data)
+            else:
+                transport.write(headers)
+                await self._send_body(transport, file, size, path)
+
+    async def _open(self, path: str) -> tuple[str, files.AsyncBinaryFile]:
+        try:
+            info = await files.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise PathRefused(404, "no such file") from None
+        except PermissionError:
+            raise PathRefused(403, "permission denied") from None
+        if stat.S_ISDIR(info.st_mode):  # a directory named without its "/"
+            path = os.path.join(path, "index.html")
+            try:
+                info = await files.stat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                raise PathRefused(404, "no such file") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise PathRefused(403, "not a regular file")
+        try:
+            file = await files.open(path, "rb")
+        except (FileNotFoundError, NotADirectoryError):
+            raise PathRefused(404, "no such file") from None
+        except (PermissionError, IsADirectoryError):
+            raise PathRefused(403, "permission denied") from None
+        try:
+            real = os.readlink(f"/proc/self/fd/{file.fileno()}")
+        except OSError:
+            real = os.path.realpath(path)
+        if not _inside(self._root, real):
+            await file.close()
+            raise PathRefused(403, "a symbolic link leaves the root")
+        return path, file
+
+    async def _send_body(
+        self, transport: asyncio.Transport, file: files.AsyncBinaryFile, size: int, path: str
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        await self._drain()
+        try:
+            sent = await loop.sendfile(transport, cast(Any, file), 0, size, fallback=False)
+        except (RuntimeError, NotImplementedError, asyncio.SendfileNotAvailableError):
+            if transport.is_closing():
+                return
+            sent = 0  # this transport has no native sendfile: read and write
+        while sent < size:
+            chunk = await file.read(min(FILE_CHUNK, size - sent))
+            if not chunk:
+                raise OSError(errno.EIO, f"{path} changed while it was sent")
+            await self._drain()
+            if transport.is_closing():
+                return
+            transport.write(chunk)
+            sent += len(chunk)
+
+
+def _headers(status: int, length: int, *, keep_alive: bool, ctype: str, extra: str = "") -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS[status]}", f"Content-Type: {ctype}"]
+    lines.append(f"Content-Length: {length}")
+    if extra:
+        lines.append(extra)
+    if not keep_alive:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _response(status: int, body: bytes, *, keep_alive: bool, extra: str = "") -> bytes:
+    headers = _headers(
+        status, len(body), keep_alive=keep_alive, ctype="text/plain; charset=utf-8", extra=extra
+    )
+    return headers + body
+
+
 PROTOCOLS: dict[str, ProtocolFactory] = {"echo": EchoProtocol, "http": HttpHelloProtocol}
 
 
@@ -129,6 +417,12 @@ def add_serve_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--idle-timeout", type=float, default=None, help="close idle connections")
     parser.add_argument(
+        "--root",
+        default=None,
+        metavar="DIR",
+        help="http: serve the files under DIR instead of the hello world",
+    )
+    parser.add_argument(
         "--io",
         choices=IO_CHOICES,
         default=None,
@@ -149,6 +443,15 @@ def serve_command(args: argparse.Namespace) -> int:
         except ImportError:
             print("iomux serve http needs httptools: pip install 'iomux[http]'", file=sys.stderr)
             return 2
+    if args.root is not None:
+        if args.kind != "http":
+            print("iomux serve: --root applies to http only", file=sys.stderr)
+            return 2
+        if not os.path.isdir(args.root):
+            print(f"iomux serve: --root {args.root!r} is not a directory", file=sys.stderr)
+            return 2
+        args.root = os.path.realpath(args.root)
+        mimetypes.init()  # reads the system's tables now, not in the loop
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     selection = choose(args.backend)
     if args.workers == 1:
@@ -168,10 +471,13 @@ def _serve(
 ) -> int:
     loop = Reactor(selection.driver, io=args.io)
     loop.selection = selection
+    factory: ProtocolFactory = PROTOCOLS[args.kind]
+    if getattr(args, "root", None) is not None:
+        factory = functools.partial(StaticFileProtocol, args.root)
     try:
         server = loop.run_until_complete(
             loop.create_server(
-                PROTOCOLS[args.kind],
+                factory,
                 args.host,
                 port,
                 backlog=args.backlog,
@@ -184,7 +490,7 @@ def _serve(
             workers = f" with {args.workers} workers" if args.workers > 1 else ""
             logger.info(
                 "serving %s on %s%s; %s; %s I/O",
-                args.kind,
+                args.kind if getattr(args, "root", None) is None else f"files of {args.root}",
                 where,
                 workers,
                 selection.describe(),

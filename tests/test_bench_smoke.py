@@ -212,3 +212,33 @@ def test_readiness_flag_detection() -> None:
     assert readiness_args_in(head + mode) == ["--uring-mode", "readiness"]
     flag = "  --readiness           use io_uring as a readiness backend\n"
     assert readiness_args_in(head + flag) == ["--readiness"]
+
+
+def test_files(tmp_path: Path) -> None:
+    data = run_bench(
+        tmp_path / "out",
+        "files",
+        *("--small-files", "24", "--large-files", "2", "--concurrency", "4"),
+        *("--dir", str(tmp_path)),
+    )
+    peers = data["peers"]
+    if "io_uring" in AVAILABLE:
+        assert "iomux.files/io_uring" in peers
+    assert "iomux.files/asyncio" in peers and "to_thread/asyncio" in peers
+    has_aiofiles = importlib.util.find_spec("aiofiles") is not None
+    assert ("aiofiles/asyncio" in peers) is has_aiofiles
+    assert any(n.startswith("aiofiles/asyncio") for n in data["notes"]) is not has_aiofiles
+    has_uvloop = HAS["uvloop"] and has_aiofiles
+    assert ("aiofiles/uvloop" in peers) is has_uvloop
+    assert {"read small (warm)", "read large (warm)", "write small", "write large"} <= set(
+        data["summary"]
+    )
+    for workload, by_peer in data["summary"].items():
+        key = "files_per_s" if "small" in workload else "mb_per_s"
+        for peer, cells in by_peer.items():
+            cell = cells["4"]
+            assert not cell.get("errors"), (workload, peer, cell)
+            assert cell[key] > 0, (workload, peer, cell)
+    for sender, cell in data["sendfile"].items():
+        assert not cell.get("errors") and cell["mb_per_s"] > 0, (sender, cell)
+    assert list(tmp_path.glob("iomux-bench-files-*")) == []  # its files are removed

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -92,12 +95,31 @@ def test_sigterm_closes_idle_keep_alive_connection() -> None:
 
 
 def test_create_connection_resolves_names_off_thread() -> None:
-    with Reactor("epoll") as reactor:
-        server = reactor.create_server(lambda: Recorder(reactor), "127.0.0.1", 0)
+    reactor = Reactor("epoll")
+    try:
+        server = reactor.run_until_complete(
+            reactor.create_server(lambda: Recorder(reactor), "127.0.0.1", 0)
+        )
         client = Recorder(reactor)
-        fut = reactor.create_connection(lambda: client, "localhost", server.port())
-        reactor.run_until_complete(fut, timeout=5)
+        resolver_threads: list[str] = []
+        real_getaddrinfo = socket.getaddrinfo
+
+        def getaddrinfo(*args: Any, **kwargs: Any) -> Any:
+            resolver_threads.append(threading.current_thread().name)
+            return real_getaddrinfo(*args, **kwargs)
+
+        socket.getaddrinfo = getaddrinfo  # type: ignore[assignment]
+        try:
+            connecting = reactor.create_connection(lambda: client, "localhost", server.port())
+            reactor.run_until_complete(asyncio.wait_for(connecting, 5))
+        finally:
+            socket.getaddrinfo = real_getaddrinfo
         assert client.transport.get_extra_info("peername")[1] == server.port()
+        assert resolver_threads and threading.main_thread().name not in resolver_threads
+        client.transport.close()
+        reactor.run_until_complete(asyncio.wait_for(client.lost, 5))
+    finally:
+        reactor.close()
 
 
 def test_workers_exit_when_parent_is_killed() -> None:

@@ -1,18 +1,25 @@
-"""Unit tests of the transports (readiness, and completion on io_uring): arguments,
-limits, extra info, buffered protocols."""
+"""Unit tests of the stream transports (readiness LEVEL and EDGE on epoll, completion on
+io_uring): arguments, limits, extra info, buffered protocols."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
-from typing import Any
+import time
+from asyncio import trsock
+from collections.abc import Awaitable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 
 from iomux import Trigger
-from iomux.reactor import Reactor
+from iomux.reactor import Reactor, StreamTransport
+from iomux.reactor.completion import CompletionStreamTransport
+from iomux.reactor.readiness import ReadinessStreamTransport
 from iomux.reactor.testing import Recorder
+
+T = TypeVar("T")
+TIMEOUT = 5.0
 
 
 @pytest.fixture(
@@ -20,36 +27,95 @@ from iomux.reactor.testing import Recorder
 )
 def reactor(request: pytest.FixtureRequest) -> Iterator[Reactor]:
     if request.param == "completion":
-        r = Reactor("io_uring", strategy="completion")
+        r = Reactor("io_uring", io="completion")
     else:
         r = Reactor("epoll", trigger=request.param)
     try:
         yield r
     finally:
-        r.close()
+        # Abort what a test left open: no transport outlives its loop.
+        try:
+            wait(r, r.shutdown(grace=0, drain=0))
+        finally:
+            r.close()
+
+
+def wait(reactor: Reactor, awaitable: Awaitable[T], timeout: float = TIMEOUT) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(awaitable, timeout)
+
+    return reactor.run_until_complete(bounded())
 
 
 def _pair(reactor: Reactor, protocol: asyncio.BaseProtocol) -> tuple[Any, socket.socket]:
     a, b = socket.socketpair()
-    transport, _ = reactor.connect_accepted_socket(lambda: protocol, a)
+    transport, proto = wait(reactor, reactor.connect_accepted_socket(lambda: protocol, a))
+    assert proto is protocol
     return transport, b
+
+
+def receive(reactor: Reactor, peer: socket.socket, n: int) -> bytes:
+    """Run the loop while reading ``n`` bytes from ``peer`` (fewer at EOF)."""
+    peer.setblocking(False)
+    got = b""
+    deadline = time.monotonic() + TIMEOUT
+    while len(got) < n:
+        assert time.monotonic() < deadline, f"only {got!r} arrived within {TIMEOUT} s"
+        reactor.run_once(0.01)
+        try:
+            chunk = peer.recv(n - len(got))
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_transport_kind_follows_the_io(reactor: Reactor) -> None:
+    transport, peer = _pair(reactor, Recorder(reactor))
+    with peer:
+        assert isinstance(transport, StreamTransport)
+        assert isinstance(transport, asyncio.Transport)
+        if reactor.io == "completion":
+            assert isinstance(transport, CompletionStreamTransport)
+            assert len(reactor.multiplexer) == 0  # nothing registered for readiness
+        else:
+            assert isinstance(transport, ReadinessStreamTransport)
+            registration = reactor.multiplexer.get(transport.get_extra_info("socket").fileno())
+            assert registration is not None
+            expected = Trigger.EDGE if reactor._edge else Trigger.LEVEL
+            assert registration.trigger is expected
+        transport.close()
 
 
 def test_write_checks_arguments(reactor: Reactor) -> None:
     transport, peer = _pair(reactor, Recorder(reactor))
     with peer:
-        with pytest.raises(TypeError, match="bytes, bytearray or memoryview"):
+        with pytest.raises(TypeError, match="bytes-like object"):
             transport.write("text")
         transport.write(b"")
         transport.write(bytearray(b"ab"))
         transport.write(memoryview(b"cd"))
         transport.writelines([b"e", bytearray(b"f"), memoryview(b"g")])
-        reactor.run_once(0)  # completion I/O sends with the next ring enter
-        assert peer.recv(100) == b"abcdefg"
+        assert receive(reactor, peer, 7) == b"abcdefg"
         transport.write_eof()
         with pytest.raises(RuntimeError, match="write_eof"):
             transport.write(b"late")
         assert transport.can_write_eof()
+        assert receive(reactor, peer, 1) == b""  # the half-close reached the peer
+        transport.close()
+
+
+def test_bytes_written_from_a_reused_buffer_are_the_ones_given(reactor: Reactor) -> None:
+    transport, peer = _pair(reactor, Recorder(reactor))
+    with peer:
+        buf = bytearray(b"first")
+        transport.write(buf)
+        buf[:] = b"XXXXX"  # the caller reuses its buffer before the send happens
+        transport.write(b"-second")
+        assert receive(reactor, peer, 12) == b"first-second"
+        transport.close()
 
 
 def test_write_buffer_limits(reactor: Reactor) -> None:
@@ -65,14 +131,17 @@ def test_write_buffer_limits(reactor: Reactor) -> None:
         size = transport.get_write_buffer_size()
         assert size > 1000 and rec.pauses == 1
         peer.setblocking(False)
+        got = 0
         while rec.resumes == 0:
             try:
-                while peer.recv(1 << 20):
-                    pass
+                while chunk := peer.recv(1 << 20):
+                    got += len(chunk)
             except BlockingIOError:
                 pass
-            reactor.run_once(0.1)
+            reactor.run_once(0.01)
         assert transport.get_write_buffer_size() <= 250
+        assert rec.pauses == 1 and rec.resumes == 1
+        transport.close()
 
 
 def test_close_after_close_and_writes_after_close_are_dropped(reactor: Reactor) -> None:
@@ -83,8 +152,10 @@ def test_close_after_close_and_writes_after_close_are_dropped(reactor: Reactor) 
         transport.close()
         transport.write(b"dropped")
         assert transport.is_closing()
-        reactor.run_until_complete(rec.lost, timeout=2)
+        wait(reactor, rec.lost)
+        peer.settimeout(TIMEOUT)
         assert peer.recv(10) == b""
+        transport.write(b"dropped too")  # after connection_lost: dropped, no raise
     assert rec.sequence() == ["made", "lost:None"]
 
 
@@ -92,11 +163,14 @@ def test_extra_info(reactor: Reactor) -> None:
     transport, peer = _pair(reactor, Recorder(reactor))
     with peer:
         sock = transport.get_extra_info("socket")
-        assert isinstance(sock, socket.socket)
+        assert isinstance(sock, trsock.TransportSocket)
+        assert sock.fileno() >= 0 and sock.family == socket.AF_UNIX
         assert transport.get_extra_info("sockname") == sock.getsockname()
+        assert transport.get_extra_info("peername") == peer.getsockname()
         assert transport.get_extra_info("nothing", "dflt") == "dflt"
         assert transport.get_protocol() is not None
         assert "open" in repr(transport)
+        transport.close()
 
 
 class Buffered(asyncio.BufferedProtocol):
@@ -104,6 +178,7 @@ class Buffered(asyncio.BufferedProtocol):
         self.buf = bytearray(7)  # small: many reads per message
         self.got = bytearray()
         self.eof = False
+        self.lost: list[Exception | None] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -118,6 +193,9 @@ class Buffered(asyncio.BufferedProtocol):
         self.eof = True
         return False
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.append(exc)
+
 
 def test_buffered_protocol(reactor: Reactor) -> None:
     proto = Buffered()
@@ -126,11 +204,11 @@ def test_buffered_protocol(reactor: Reactor) -> None:
         peer.sendall(b"a buffered protocol gets recv_into")
         peer.shutdown(socket.SHUT_WR)
         for _ in range(100):
-            if proto.eof:
+            if proto.lost:
                 break
             reactor.run_once(0.1)
         assert bytes(proto.got) == b"a buffered protocol gets recv_into"
-        assert proto.eof
+        assert proto.eof and proto.lost == [None]
 
 
 def test_set_protocol_switches_receiver(reactor: Reactor) -> None:
@@ -138,10 +216,14 @@ def test_set_protocol_switches_receiver(reactor: Reactor) -> None:
     transport, peer = _pair(reactor, first)
     with peer:
         transport.set_protocol(second)
+        assert transport.get_protocol() is second
         peer.sendall(b"to second")
-        while not second.received:
+        for _ in range(100):
+            if second.received:
+                break
             reactor.run_once(0.1)
         assert not first.received and bytes(second.received) == b"to second"
+        transport.close()
 
 
 def test_protocol_factory_error_is_reported(reactor: Reactor) -> None:
@@ -151,18 +233,22 @@ def test_protocol_factory_error_is_reported(reactor: Reactor) -> None:
     def factory() -> asyncio.Protocol:
         raise RuntimeError("no protocol for you")
 
-    server = reactor.create_server(factory, "127.0.0.1", 0)
+    server = wait(reactor, reactor.create_server(factory, "127.0.0.1", 0))
     with socket.create_connection(("127.0.0.1", server.port()), timeout=2) as c:
-        while not contexts:
+        for _ in range(100):
+            if contexts:
+                break
             reactor.run_once(0.1)
         assert c.recv(10) == b""
-    assert "factory" in contexts[0]["message"]
+    assert len(contexts) == 1
+    assert "transport creation" in contexts[0]["message"]
+    assert str(contexts[0]["exception"]) == "no protocol for you"
     server.close()
     assert server.sockets == () and not server.is_serving()
 
 
 def test_unknown_trigger_is_refused() -> None:
-    with pytest.raises(ValueError, match="EDGE or LEVEL"):
+    with pytest.raises(ValueError, match="LEVEL or EDGE"):
         Reactor("epoll", trigger=Trigger.ONESHOT)
     with pytest.raises(ValueError, match="does not support"):
         Reactor("poll", trigger=Trigger.EDGE)

@@ -104,10 +104,19 @@ async def _echo_roundtrip() -> bytes:
 
 
 def test_asyncio_on_backend(driver: type[iomux.Multiplexer]) -> None:
+    # Stock asyncio's selector loop on an iomux.Selector...
+    selector_loop = asyncio.SelectorEventLoop(iomux.Selector(driver.name))
+    try:
+        assert selector_loop._selector.backend == driver.name  # type: ignore[attr-defined]
+        got = selector_loop.run_until_complete(_echo_roundtrip())
+        assert got == bytes(range(256)) * 4096
+    finally:
+        selector_loop.close()
+    # ...and iomux's own loop, which new_event_loop() now returns.
     loop = iomux.new_event_loop(driver.name)
     try:
-        assert isinstance(loop, asyncio.SelectorEventLoop)
-        assert loop._selector.backend == driver.name  # type: ignore[attr-defined]
+        assert isinstance(loop, iomux.Reactor) and isinstance(loop, asyncio.AbstractEventLoop)
+        assert loop.backend == driver.name
         assert loop.run_until_complete(_echo_roundtrip()) == bytes(range(256)) * 4096
     finally:
         loop.close()
@@ -115,7 +124,7 @@ def test_asyncio_on_backend(driver: type[iomux.Multiplexer]) -> None:
 
 def test_iomux_run_and_policy(driver: type[iomux.Multiplexer]) -> None:
     async def which() -> str:
-        return asyncio.get_running_loop()._selector.backend  # type: ignore[attr-defined,no-any-return]
+        return asyncio.get_running_loop().backend  # type: ignore[attr-defined,no-any-return]
 
     assert iomux.run(which(), backend=driver.name) == driver.name
     if sys.version_info >= (3, 12):

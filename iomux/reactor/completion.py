@@ -52,6 +52,9 @@ _BACKLOG = port_events.BACKLOG
 #: only when this much (or 16 high-water marks) waits to be sent: a writer
 #: that never yields to the loop must still be stopped.
 HARD_BACKLOG = 4 * 1024 * 1024
+#: Bytes of held data delivered per loop iteration after resume_reading (what
+#: the port delivers to one connection per iteration at most).
+HELD_PER_ITERATION = 64 * 1024
 _SendfileMode = asyncio.constants._SendfileMode
 
 
@@ -208,12 +211,21 @@ class CompletionIO:
         return fd
 
     def close(self) -> None:
-        """The loop is closing: forget every slot (the ring goes with the multiplexer)."""
+        """The loop is closing: the ring, and every operation on it, goes with the
+        multiplexer, so the fds kept open for those operations can close now."""
+        owners = [o for o in self._slots if o is not None]
+        owners += [o for o in (ref() for ref in self._weak.values()) if o is not None]
+        for owner in owners:
+            owner._loop_closing()
+        fds = list(self._orphans.values())
         self._slots.clear()
         self._weak.clear()
-        for fd in self._orphans.values():
-            os.close(fd)
         self._orphans.clear()
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # closed already (at interpreter exit)
         self._port = None
         self.closed = True
 
@@ -223,6 +235,7 @@ class CompletionStreamTransport(StreamTransport):
 
     __slots__ = (
         "_acked",
+        "_backlogged",
         "_data_received",
         "_detached",
         "_held",
@@ -253,6 +266,7 @@ class CompletionStreamTransport(StreamTransport):
         port = self._port = io.port()
         self._written = 0  # bytes write() accepted, ever
         self._acked = 0  # bytes the kernel confirmed sending, as last read from the port
+        self._backlogged = False  # the kernel refused bytes lately: pause as readiness does
         self._held: deque[bytes] = deque()
         self._held_end: int | None = None  # 0 (EOF) or -errno met while paused
         self._slot_closed = False
@@ -314,13 +328,24 @@ class CompletionStreamTransport(StreamTransport):
                 return
 
     def _deliver_held(self) -> None:
-        """After resume_reading: what arrived while paused, then receive again."""
+        """After resume_reading: what arrived while paused, then receive again.
+
+        At most :data:`HELD_PER_ITERATION` bytes per loop iteration, as the port
+        delivers them: a protocol that writes what it reads learns of its
+        backlog before it has read much more.
+        """
         if self._paused or self._closing:
             return  # paused again meanwhile: the next resume_reading comes back here
         self._reading = True
         held = self._held
+        budget = HELD_PER_ITERATION
         while held and self._reading:
+            if budget <= 0:
+                self._reading = False  # new data is held behind the rest meanwhile
+                self._loop.call_soon(self._deliver_held)
+                return
             data = held.popleft()
+            budget -= len(data)
             if self._buffered:
                 self._feed_buffered(data)
                 continue
@@ -378,8 +403,11 @@ class CompletionStreamTransport(StreamTransport):
                 return
             self._acked = self._port.sent(self._slot)
             if kind == _BACKLOG:
+                self._backlogged = True
                 self._maybe_pause_protocol()
             else:
+                if self._acked == self._written:
+                    self._backlogged = False  # the kernel took everything again
                 self._maybe_resume_protocol()
             self._want_notify()
         elif kind == _DRAINED:
@@ -404,11 +432,19 @@ class CompletionStreamTransport(StreamTransport):
         written = self._written = self._written + len(data)
         if self._deadlines is not None:
             self._last_io = self._loop.time()
-        # Flow control: the port reports BACKLOG when the kernel did not take
-        # the bytes; only a writer that never lets the loop run is paused here.
-        if written - self._acked > HARD_BACKLOG and not self._protocol_paused:
+        # Flow control. While the kernel takes everything, the port reports
+        # BACKLOG once it refuses bytes; only a writer that never lets the
+        # loop run is paused here. Once it refused (backlogged), writes pause
+        # the protocol above the high-water mark at once, as readiness does.
+        if self._protocol_paused:
+            return
+        if self._backlogged:
+            bound = self._high_water
+        else:
+            bound = max(HARD_BACKLOG, 16 * self._high_water)
+        if written - self._acked > bound:
             self._acked = self._port.sent(self._slot)
-            if written - self._acked > max(HARD_BACKLOG, 16 * self._high_water):
+            if written - self._acked > bound:
                 self._maybe_pause_protocol()
                 self._want_notify()
 
@@ -419,9 +455,10 @@ class CompletionStreamTransport(StreamTransport):
 
     def get_write_buffer_size(self) -> int:
         """Bytes accepted by ``write()`` that the kernel has not confirmed sending."""
-        if self._slot_closed or self._conn_lost:
+        if self._conn_lost:
             return 0
-        self._acked = self._port.sent(self._slot)
+        if not self._slot_closed:
+            self._acked = self._port.sent(self._slot)
         return self._written - self._acked
 
     def write_eof(self) -> None:
@@ -505,6 +542,16 @@ class CompletionStreamTransport(StreamTransport):
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+        fd, self._detached = self._detached, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def _loop_closing(self) -> None:
+        # The ring goes: an fd kept for its operations closes now. A transport
+        # still open stays so (as asyncio's do when their loop closes).
+        if not self._slot_closed:
+            self._acked = self._port.sent(self._slot)  # what stays unsent
+        self._slot_closed = True
         fd, self._detached = self._detached, -1
         if fd >= 0:
             os.close(fd)
@@ -621,6 +668,11 @@ class CompletionListener:
             fd, self._fd_held = self._fd_held, -1
             if fd >= 0:
                 os.close(fd)
+
+    def _loop_closing(self) -> None:
+        fd, self._fd_held = self._fd_held, -1
+        if fd >= 0:
+            os.close(fd)
 
     def _again(self) -> None:
         if self._slot is not None and not self._closed:

@@ -112,6 +112,18 @@ def reset_close(s: socket.socket) -> None:
     s.close()
 
 
+def close_loop(reactor: Any, timeout: float = 10.0) -> None:
+    """Abort the servers and connections a test left open, then close the loop."""
+    import asyncio
+
+    if reactor.is_closed() or reactor.is_running():
+        return
+    try:
+        reactor.run_until_complete(asyncio.wait_for(reactor.shutdown(grace=0, drain=0), timeout))
+    finally:
+        reactor.close()
+
+
 # --- the server process --------------------------------------------------------
 
 
@@ -122,7 +134,7 @@ def serve(args: argparse.Namespace) -> int:
     from iomux.reactor import Reactor
 
     raise_nofile()
-    reactor = Reactor(backend=args.backend)
+    reactor = Reactor(args.backend, io=args.io)
     mux = reactor.multiplexer
     errors: list[str] = []
     reactor.set_exception_handler(
@@ -156,14 +168,17 @@ def serve(args: argparse.Namespace) -> int:
             name = "None" if exc is None else type(exc).__name__
             lost_by[name] = lost_by.get(name, 0) + 1
 
-    server = reactor.create_server(
-        Echo,
-        "127.0.0.1",
-        0,
-        backlog=args.backlog,
-        idle_timeout=args.idle_timeout,
+    server = reactor.run_until_complete(
+        reactor.create_server(
+            Echo,
+            "127.0.0.1",
+            0,
+            backlog=args.backlog,
+            idle_timeout=args.idle_timeout,
+        )
     )
     ring_fd = mux.ring.fileno() if mux.name == "io_uring" else -1  # type: ignore[attr-defined]
+    completion = reactor._completion
     pending = bytearray()
 
     def stats() -> dict[str, Any]:
@@ -173,7 +188,7 @@ def serve(args: argparse.Namespace) -> int:
             "rss_kib": rss_kib(),
             "objects": len(gc.get_objects()),
             "registrations": len(mux),
-            "transports": len(reactor._transports),
+            "transports": len(reactor._streams),
             "connections": len(server.connections),
             "refused_out_of_range": server.refused_out_of_range,
             "lost_by": dict(lost_by),
@@ -187,7 +202,9 @@ def serve(args: argparse.Namespace) -> int:
         }
         if ring_fd >= 0:
             out["ring_polls"] = ring_polls(ring_fd)
-            out["ring_sends"] = len(mux.ring._sends)  # type: ignore[attr-defined]
+        if completion is not None:
+            # Completion-port slots in use: the listener's and one per connection.
+            out["slots"] = sum(owner is not None for owner in completion._slots)
         return out
 
     def on_stdin() -> None:
@@ -206,7 +223,14 @@ def serve(args: argparse.Namespace) -> int:
                 reactor.stop()
 
     reactor.add_reader(0, on_stdin)
-    _emit({"port": server.port(), "max_fd": mux.capabilities.max_fd, "fds": fd_count()})
+    _emit(
+        {
+            "port": server.port(),
+            "max_fd": mux.capabilities.max_fd,
+            "fds": fd_count(),
+            "io": reactor.io,
+        }
+    )
     try:
         reactor.run_forever()
     finally:
@@ -222,8 +246,17 @@ def _emit(obj: dict[str, Any]) -> None:
 class ServerProcess:
     """Controls a ``relsupport.py server`` subprocess."""
 
-    def __init__(self, backend: str, *, idle_timeout: float | None = None, backlog: int = 4096):
+    def __init__(
+        self,
+        backend: str,
+        *,
+        idle_timeout: float | None = None,
+        backlog: int = 4096,
+        io: str | None = None,
+    ):
         cmd = [sys.executable, SCRIPT, "server", "--backend", backend, "--backlog", str(backlog)]
+        if io is not None:
+            cmd += ["--io", io]
         if idle_timeout is not None:
             cmd += ["--idle-timeout", str(idle_timeout)]
         self.backend = backend
@@ -234,6 +267,8 @@ class ServerProcess:
         self.port: int = hello["port"]
         self.max_fd: int | None = hello["max_fd"]
         self.start_fds: int = hello["fds"]
+        #: How the server's connections move bytes: "completion" or "readiness".
+        self.io: str = hello["io"]
 
     def _read(self, timeout: float = 30.0) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -628,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", required=True)
     p.add_argument("--backlog", type=int, default=4096)
     p.add_argument("--idle-timeout", type=float, default=None)
+    p.add_argument("--io", choices=("auto", "readiness", "completion"), default=None)
     p = sub.add_parser("hold")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--source", default="127.0.0.1")

@@ -68,6 +68,7 @@ def test_many_connections_exchange_with_flat_fds_and_rss(driver: type[Multiplexe
         py_objects=f"{warm['objects']}/{held['objects']}",
         registrations=f"{base['registrations']}/{held['registrations']}/{after['registrations']}",
         ring_polls=f"{base.get('ring_polls', '-')}/{after.get('ring_polls', '-')}",
+        io=server.io,
         server_cpu_s=round(after["cpu"] - base["cpu"], 1),
     )
     assert all(d["errors"] == 0 and d["mismatches"] == 0 for d in done), done
@@ -85,4 +86,7 @@ def test_many_connections_exchange_with_flat_fds_and_rss(driver: type[Multiplexe
     assert after["fds"] == base["fds"], (base, after)
     assert after["registrations"] == base["registrations"], (base, after)
     assert after.get("ring_polls") == base.get("ring_polls"), (base, after)
+    assert after.get("slots") == base.get("slots"), (base, after)
+    if "slots" in held:
+        assert held["slots"] == base["slots"] + count, (base, held)
     assert after["lost_by"] == {"None": count}, after["lost_by"]

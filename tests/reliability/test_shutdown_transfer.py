@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from factories import keeping
-from relsupport import record
+from relsupport import close_loop, record
 
 from iomux import Multiplexer
 from iomux.reactor import Reactor, ShutdownTimeout
@@ -69,7 +69,7 @@ class Streamer(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        self.transport._reactor.call_soon(self.produce)
+        asyncio.get_running_loop().call_soon(self.produce)
 
     def data_received(self, data: bytes) -> None:
         pass  # uploads are read and dropped: what matters is the downstream
@@ -80,11 +80,11 @@ class Streamer(asyncio.Protocol):
 
 @pytest.fixture
 def reactor(driver: type[Multiplexer]) -> Iterator[Reactor]:
-    r = Reactor(backend=driver)
+    r = Reactor(driver)
     try:
         yield r
     finally:
-        r.close()
+        close_loop(r)
 
 
 KINDS = ("fast", "slow", "stalled", "uploading")
@@ -94,7 +94,11 @@ def test_shutdown_mid_transfer_loses_nothing_silently(
     reactor: Reactor, driver: type[Multiplexer]
 ) -> None:
     protos: list[Streamer] = []
-    server = reactor.create_server(keeping(protos, lambda: Streamer()), "127.0.0.1", 0)
+    server = reactor.run_until_complete(
+        asyncio.wait_for(
+            reactor.create_server(keeping(protos, lambda: Streamer()), "127.0.0.1", 0), 10
+        )
+    )
     clients = []
     for kind in KINDS * 2:
         c = socket.create_connection(("127.0.0.1", server.port()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -10,13 +11,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from factories import keeping
-from relsupport import record
+from relsupport import close_loop, record
 
 from iomux import Multiplexer
-from iomux.reactor import DeadlineExceeded, IdleTimeout, Reactor
+from iomux.reactor import DeadlineExceeded, IdleTimeout, Reactor, Server
 from iomux.reactor.testing import READ_SIZE, Recorder, collect_errors
 from iomux.reactor.transport import HIGH_WATER
 
@@ -25,11 +27,17 @@ TIMEOUT = 10.0
 
 @pytest.fixture
 def reactor(driver: type[Multiplexer]) -> Iterator[Reactor]:
-    r = Reactor(backend=driver)
+    r = Reactor(driver)
     try:
         yield r
     finally:
-        r.close()
+        close_loop(r)
+
+
+def serve(reactor: Reactor, factory: Any, **opts: Any) -> Server:
+    return reactor.run_until_complete(
+        asyncio.wait_for(reactor.create_server(factory, "127.0.0.1", 0, **opts), TIMEOUT)
+    )
 
 
 def test_slowloris_cut_by_idle_timeout_and_deadline(
@@ -39,10 +47,9 @@ def test_slowloris_cut_by_idle_timeout_and_deadline(
     errors = collect_errors(reactor)
     idle, lifetime = 0.3, 0.8
     recs: list[Recorder] = []
-    server = reactor.create_server(
+    server = serve(
+        reactor,
         keeping(recs, lambda: Recorder(reactor, echo=True)),
-        "127.0.0.1",
-        0,
         idle_timeout=idle,
         lifetime=lifetime,
     )
@@ -122,9 +129,7 @@ def test_client_that_never_reads_meets_backpressure(
     """The server stops reading instead of buffering what it cannot send."""
     errors = collect_errors(reactor)
     recs: list[Recorder] = []
-    server = reactor.create_server(
-        keeping(recs, lambda: Recorder(reactor, echo=True)), "127.0.0.1", 0
-    )
+    server = serve(reactor, keeping(recs, lambda: Recorder(reactor, echo=True)))
     c = socket.create_connection(("127.0.0.1", server.port()))
     c.setblocking(False)
     block = os.urandom(1 << 16)

@@ -3,21 +3,24 @@ timeouts far beyond what one system call can wait."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
+from typing import TypeVar
 
 import pytest
 from factories import keeping
-from relsupport import record
+from relsupport import close_loop, record
 
 from iomux import Multiplexer
 from iomux.errors import IomuxError
 from iomux.reactor import Reactor, ReactorClosed
 from iomux.reactor.testing import Recorder, collect_errors
 
+T = TypeVar("T")
 THREADS = 4
 CALLS = 5_000
 TIMEOUT = 30.0
@@ -25,12 +28,18 @@ TIMEOUT = 30.0
 
 @pytest.fixture
 def reactor(driver: type[Multiplexer]) -> Iterator[Reactor]:
-    r = Reactor(backend=driver)
+    r = Reactor(driver)
     try:
         yield r
     finally:
-        if not r.is_closed():
-            r.close()
+        close_loop(r)
+
+
+def wait(reactor: Reactor, awaitable: Awaitable[T], timeout: float) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(awaitable, timeout)
+
+    return reactor.run_until_complete(bounded())
 
 
 def test_threadsafe_calls_hammered_during_io(reactor: Reactor, driver: type[Multiplexer]) -> None:
@@ -53,8 +62,10 @@ def test_threadsafe_calls_hammered_during_io(reactor: Reactor, driver: type[Mult
                 mux.wakeup()
 
     recs: list[Recorder] = []
-    server = reactor.create_server(
-        keeping(recs, lambda: Recorder(reactor, echo=True)), "127.0.0.1", 0
+    server = wait(
+        reactor,
+        reactor.create_server(keeping(recs, lambda: Recorder(reactor, echo=True)), "127.0.0.1", 0),
+        TIMEOUT,
     )
     blob = hashlib.shake_256(b"threads").digest(4 << 20)
     client = socket.create_connection(("127.0.0.1", server.port()))
@@ -75,7 +86,7 @@ def test_threadsafe_calls_hammered_during_io(reactor: Reactor, driver: type[Mult
     for t in threads:
         t.start()
     try:
-        reactor.run_until_complete(all_in, timeout=TIMEOUT)
+        wait(reactor, all_in, TIMEOUT)
         deadline = time.monotonic() + TIMEOUT
         while len(echoed) < len(blob) and time.monotonic() < deadline:
             reactor.run_once(0.01)
@@ -131,5 +142,5 @@ def test_timers_and_waits_far_beyond_a_system_calls_range(
     late = reactor.call_later(1e10, lambda: None)  # a deadline centuries away
     ran = reactor.create_future()
     threading.Timer(0.1, reactor.call_soon_threadsafe, (ran.set_result, "woken")).start()
-    assert reactor.run_until_complete(ran, timeout=5) == "woken"
+    assert wait(reactor, ran, 5) == "woken"
     late.cancel()

@@ -133,10 +133,12 @@ def test_cancel_racing_completion_is_one_or_the_other(ring: U.Ring) -> None:
     assert ring_polls(ring.fileno()) <= 1  # only the ring's own wake-up poll is left
 
 
-def test_completion_queue_overflow_under_a_flood_loses_nothing() -> None:
+@pytest.mark.parametrize("io", ["readiness", "completion"])
+def test_completion_queue_overflow_under_a_flood_loses_nothing(io: str) -> None:
     """400 connections ready at once against an 8-entry completion queue."""
-    reactor = Reactor("io_uring", entries=8, cq_entries=8, capacity=8)
+    reactor = Reactor("io_uring", io=io, entries=8, cq_entries=8, capacity=8)
     try:
+        assert reactor.io == io
         mux = reactor.multiplexer
         assert mux.ring.cq_entries < 400  # type: ignore[attr-defined]
         errors = collect_errors(reactor)
@@ -146,9 +148,11 @@ def test_completion_queue_overflow_under_a_flood_loses_nothing() -> None:
         clients = []
         for i, (a, b) in enumerate(pairs(400)):
             rec = Recorder(reactor, echo=True)
-            reactor.connect_accepted_socket(keeping(recs, lambda rec=rec: rec), a)  # type: ignore[misc]
+            reactor.run_until_complete(
+                reactor.connect_accepted_socket(keeping(recs, lambda rec=rec: rec), a)  # type: ignore[misc]
+            )
             clients.append((b, b"%05d" % i * 20))
-        reactor.run_once(0)  # every poll armed
+        reactor.run_once(0)  # every poll (readiness) or receive (completion) armed
         for b, msg in clients:
             b.send(msg)  # all 400 ready at once
         deadline = time.monotonic() + 20
@@ -166,7 +170,7 @@ def test_completion_queue_overflow_under_a_flood_loses_nothing() -> None:
         assert all(r.sequence() == ["made", "data", "eof", "lost:None"] for r in recs)
         assert errors == []
         assert ring_polls(mux.ring.fileno()) == base  # type: ignore[attr-defined]
-        record("uring_cq_overflow", "io_uring", cq_entries=mux.ring.cq_entries, ready=400)  # type: ignore[attr-defined]
+        record("uring_cq_overflow", "io_uring", io=io, cq_entries=mux.ring.cq_entries, ready=400)  # type: ignore[attr-defined]
     finally:
         reactor.close()
 
