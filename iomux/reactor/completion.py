@@ -26,7 +26,7 @@ import socket
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from iomux import completion as port_events
@@ -66,9 +66,16 @@ def _error(res: int) -> OSError:
 class CompletionIO:
     """The loop's completion I/O on one multiplexer (see the module docstring)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, mux: Multiplexer) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        mux: Multiplexer,
+        wait_writable: Callable[[int], Awaitable[None]],
+    ) -> None:
         self._loop = loop
         self._mux = mux
+        #: ``await wait_writable(fd)``: until ``fd`` is writable (for sendfile).
+        self.wait_writable = wait_writable
         self._port: CompletionPort | None = None
         #: slot -> the transport or listener using it (None: see _weak).
         self._slots: list[Any] = []
@@ -244,11 +251,13 @@ class CompletionStreamTransport(StreamTransport):
         "_port",
         "_reading",
         "_release_wanted",
+        "_sendfile",
+        "_sent_waiter",
         "_slot",
         "_slot_closed",
         "_written",
     )
-    _sendfile_compatible = _SendfileMode.FALLBACK
+    _sendfile_compatible = _SendfileMode.TRY_NATIVE
 
     def __init__(
         self,
@@ -272,6 +281,8 @@ class CompletionStreamTransport(StreamTransport):
         self._slot_closed = False
         self._release_wanted = False
         self._detached = -1
+        self._sendfile = False
+        self._sent_waiter: asyncio.Future[None] | None = None
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -401,6 +412,10 @@ class CompletionStreamTransport(StreamTransport):
         elif kind == _BACKLOG or kind == _SENT:
             if self._conn_lost:
                 return
+            waiter = self._sent_waiter
+            if kind == _SENT and waiter is not None and not waiter.done():
+                if self._port.sent(self._slot) >= self._written:
+                    waiter.set_result(None)
             self._acked = self._port.sent(self._slot)
             if kind == _BACKLOG:
                 self._backlogged = True
@@ -423,7 +438,9 @@ class CompletionStreamTransport(StreamTransport):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` with the loop's next system call (after what was written before)."""
-        if type(data) is not bytes or self._eof or self._conn_lost or not data:
+        if type(data) is not bytes or self._eof or self._conn_lost or not data or self._sendfile:
+            if self._sendfile and isinstance(data, (bytes, bytearray, memoryview)):
+                raise RuntimeError("unable to write; sendfile is in progress")
             if not self._check_write(data):
                 return
             if not isinstance(data, bytes):
@@ -498,6 +515,43 @@ class CompletionStreamTransport(StreamTransport):
         else:
             self._reading = True
             self._port.read(self._slot)
+
+    # -- sendfile -------------------------------------------------------------------
+
+    async def _sendfile_native(self, file: Any, offset: int, count: int | None) -> int:
+        """Send ``file`` by splicing it into the socket once everything written is sent."""
+        port = self._port
+        if "SPLICE" not in port.file_ops:
+            raise asyncio.SendfileNotAvailableError("this kernel's io_uring has no SPLICE")
+        from .splice import sendfile_splice
+
+        resume = self.is_reading()
+        self.pause_reading()
+        self._sendfile = True  # write() refuses meanwhile
+        try:
+            if port.sent(self._slot) < self._written:
+                self._sent_waiter = self._loop.create_future()
+                port.notify_sent(self._slot, self._written)
+                await self._sent_waiter
+            if self._closing or self._sock is None:
+                raise ConnectionError("the connection closed before sendfile could start")
+            fd = self._sock.fileno()
+            sent = await sendfile_splice(
+                self._loop,
+                port,
+                fd,
+                file,
+                offset,
+                count,
+                wait_writable=lambda: self._io.wait_writable(fd),
+            )
+            # Bytes that left through the pipe count as written and sent.
+            return sent
+        finally:
+            self._sent_waiter = None
+            self._sendfile = False
+            if resume:
+                self.resume_reading()
 
     # -- closing --------------------------------------------------------------------
 

@@ -84,7 +84,7 @@ class Reactor(ReadinessReactor):
                 if reason is None:
                     from .completion import CompletionIO
 
-                    self._completion = CompletionIO(self, mux)
+                    self._completion = CompletionIO(self, mux, self._wait_writable)
                 elif choice == "completion":
                     raise CompletionUnsupported(f"completion I/O cannot run: {reason}")
         except BaseException:
@@ -144,6 +144,28 @@ class Reactor(ReadinessReactor):
             self.call_exception_handler(
                 {"message": "exception in a file operation's callback", "exception": exc}
             )
+
+    async def _sock_sendfile_native(
+        self, sock: socket.socket, file: Any, offset: int, count: int | None
+    ) -> int:
+        # On io_uring: the ring splices file -> pipe -> socket, without the
+        # loop's thread blocking while the kernel reads the file.
+        port = self.completion_port
+        if port is not None and "SPLICE" in port.file_ops:
+            from .splice import sendfile_splice
+
+            return await sendfile_splice(self, port, sock.fileno(), file, offset, count)
+        return await super()._sock_sendfile_native(sock, file, offset, count)
+
+    async def _wait_writable(self, fd: int) -> None:
+        """Wait until ``fd`` is writable, even if a transport owns it (sendfile)."""
+        fut = self.create_future()
+        handle = self._add_writer(fd, _set_if_pending, fut)
+        try:
+            await fut
+        finally:
+            if not handle.cancelled():
+                self._remove_writer(fd)
 
     @property
     def completion_port(self) -> CompletionPort | None:
@@ -275,6 +297,11 @@ class Reactor(ReadinessReactor):
 
 def _nothing() -> None:
     """A timer callback whose only job is to bound a wait."""
+
+
+def _set_if_pending(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _completion_unsupported(mux: Multiplexer) -> str | None:
