@@ -40,6 +40,7 @@ creation behave as if that failure happened, for tests.
 
 from __future__ import annotations
 
+import array
 import errno
 import importlib
 import io
@@ -126,8 +127,9 @@ _pack_into = RECORD.pack_into
 CQE = struct.Struct("=QiI")
 CQE_SIZE = CQE.size
 
-#: One stream record (16 bytes): kind, slot, argument.  See ``_uring_streams.c``.
-SOP = struct.Struct("=IIQ")
+#: One stream record (24 bytes): kind, slot, argument, sends before it, padding.
+#: See ``_uring_streams.c``.
+SOP = struct.Struct("=IIQII")
 #: One stream event (16 bytes): slot, kind, result, offset.
 SEV = struct.Struct("=IIiI")
 
@@ -142,6 +144,7 @@ def _check_layouts() -> None:
         "IOMUX_OP_OFF_ADDR2": struct.calcsize("=BBHiIIQQ"),
         "IOMUX_CQE_SIZE": CQE.size,
         "IOMUX_SOP_SIZE": SOP.size,
+        "IOMUX_SOP_OFF_SENDS_BEFORE": struct.calcsize("=IIQ"),
         "IOMUX_SEV_SIZE": SEV.size,
         "IOMUX_SEV_OFF_KIND": struct.calcsize("=I"),
         "IOMUX_SEV_OFF_RES": struct.calcsize("=II"),
@@ -879,18 +882,20 @@ class Ring:
         while True:
             nops = self._nops
             status[1] = 0
-            nsops = 0
+            nsops = nsends = 0
             if streams is None:
-                sops = stage = _NULL
+                sops = sends = stage = _NULL
                 stage_len = 0
             else:
                 if new_batch and streams._taken == streams._nev:
                     flags |= _ENTER_NEW_BATCH
                 nsops = streams._n
                 sops = streams._ops
-                stage_len = len(streams._stage)
-                stage = _ffi.from_buffer(streams._stage) if stage_len else _NULL
-                status[3] = 0
+                pairs = streams.sends
+                nsends = len(pairs) >> 1
+                sends = _ffi.from_buffer(pairs) if nsends else _NULL
+                stage_len = len(streams.stage)
+                stage = _ffi.from_buffer(streams.stage) if stage_len else _NULL
             try:
                 n = self._c_enter(
                     self._r,
@@ -903,6 +908,8 @@ class Ring:
                     flags,
                     sops,
                     nsops,
+                    sends,
+                    nsends,
                     stage,
                     stage_len,
                     status,
@@ -919,13 +926,18 @@ class Ring:
                 if nops and status[1]:
                     self._consumed(nops, int(status[1]))
                 if streams is not None:
+                    # Let the stage and the send pairs be resized again.
                     if stage_len:
-                        _ffi.release(stage)  # let the stage bytearray be resized again
+                        _ffi.release(stage)
+                    if nsends:
+                        _ffi.release(sends)
                     if flags & _ENTER_NEW_BATCH:
                         streams._taken = 0
-                    streams._nev = int(status[4])
-                    if nsops:
-                        streams._consumed(nsops, int(status[3]), int(status[6]))
+                    streams._nev = int(status[6])
+                    if nsops or nsends:
+                        streams._consumed(
+                            nsops, int(status[3]), nsends, int(status[4]), int(status[5])
+                        )
             flags &= ~_ENTER_NEW_BATCH
             if n > 0:
                 return self._outview[: n * CQE_SIZE]
@@ -1164,13 +1176,13 @@ from iomux import completion as _port  # noqa: E402
 _SOP_OPEN = _const("IOMUX_SOP_OPEN", 1)
 _SOP_READ = _const("IOMUX_SOP_READ", 2)
 _SOP_PAUSE = _const("IOMUX_SOP_PAUSE", 3)
-_SOP_SEND = _const("IOMUX_SOP_SEND", 4)
 _SOP_SHUT_WR = _const("IOMUX_SOP_SHUT_WR", 5)
 _SOP_CLOSE = _const("IOMUX_SOP_CLOSE", 6)
 _SOP_NOTIFY = _const("IOMUX_SOP_NOTIFY", 7)
 _SOP_LISTEN = _const("IOMUX_SOP_LISTEN", 8)
 _SOP_LIMIT = _const("IOMUX_SOP_LIMIT", 9)
 _sop_pack = SOP.pack_into
+_SOP_SIZE = SOP.size
 _sev_iter = SEV.iter_unpack
 AT_FDCWD = -100
 _FSYNC_DATASYNC = 1  # IORING_FSYNC_DATASYNC
@@ -1249,7 +1261,12 @@ class StreamPort(_port.CompletionPort):
         self._ops = _ffi.new("char[]", self._cap * SOP.size)
         self._opsview = memoryview(_ffi.buffer(self._ops))
         self._n = 0
-        self._stage = bytearray()
+        #: The bytes of every send since the last enter, one after the other...
+        self.stage = bytearray()
+        #: ...and (slot, length) for each, in order: :meth:`send` appends to
+        #: both, and so may a caller on its fast path (stage += data, then
+        #: sends.append(slot); sends.append(len(data))).
+        self.sends = array.array("I")
         self._nev = 0  # events in the C array (set by Ring.enter)
         self._taken = 0  # of those, handed out by events()
         self._free: list[int] = []
@@ -1273,7 +1290,8 @@ class StreamPort(_port.CompletionPort):
         n = self._n
         if n == self._cap:
             self._grow()
-        _sop_pack(self._opsview, n * 16, kind, slot, arg)
+        # Applied after the sends written before it (see _uring_streams.c).
+        _sop_pack(self._opsview, n * _SOP_SIZE, kind, slot, arg, len(self.sends) >> 1, 0)
         self._n = n + 1
 
     def _grow(self) -> None:
@@ -1282,16 +1300,23 @@ class StreamPort(_port.CompletionPort):
         _ffi.memmove(ops, self._ops, self._n * SOP.size)
         self._ops, self._opsview, self._cap = ops, memoryview(_ffi.buffer(ops)), cap
 
-    def _consumed(self, nsops: int, done: int, stage_used: int) -> None:
-        """The C helper took ``done`` of ``nsops`` records and ``stage_used`` stage bytes."""
-        if done >= nsops:
+    def _consumed(
+        self, nsops: int, done: int, nsends: int, sends_done: int, stage_used: int
+    ) -> None:
+        """The C helper took ``done`` records, ``sends_done`` sends and their bytes."""
+        if done >= nsops and sends_done >= nsends:
             self._n = 0
-            self._stage.clear()
+            del self.sends[:]
+            self.stage.clear()
             return
-        rest = bytes(self._opsview[done * 16 : nsops * 16])
-        self._opsview[: len(rest)] = rest
-        self._n = nsops - done
-        del self._stage[:stage_used]
+        # Rare (the event array filled up): keep the rest, in order.
+        left = nsops - done
+        records = [SOP.unpack_from(self._opsview, (done + i) * _SOP_SIZE) for i in range(left)]
+        for i, (kind, slot, arg, before, pad) in enumerate(records):
+            _sop_pack(self._opsview, i * _SOP_SIZE, kind, slot, arg, before - sends_done, pad)
+        self._n = left
+        del self.sends[: 2 * sends_done]
+        del self.stage[:stage_used]
 
     def _slot(self) -> int:
         if self._free:
@@ -1328,12 +1353,13 @@ class StreamPort(_port.CompletionPort):
 
     def send(self, slot: int, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` (bytes, or a byte-format buffer) on ``slot``."""
-        self._stage += data
-        n = self._n
-        if n == self._cap:
-            self._grow()
-        _sop_pack(self._opsview, n * 16, _SOP_SEND, slot, len(data))
-        self._n = n + 1
+        view = memoryview(data).cast("B")
+        sends = self.sends
+        for start in range(0, max(len(view), 1), 0xFFFFFFFF):
+            chunk = view[start : start + 0xFFFFFFFF]
+            self.stage += chunk
+            sends.append(slot)
+            sends.append(len(chunk))
 
     def shutdown_write(self, slot: int) -> None:
         """Shut down ``slot``'s sending side once everything is sent."""
@@ -1542,11 +1568,16 @@ class StreamPort(_port.CompletionPort):
         return self._next_slot > 0
 
     @property
+    def queued(self) -> bool:
+        """Whether records or sends wait for the next enter."""
+        return bool(self._n or self.sends)
+
+    @property
     def pending(self) -> bool:
         """Whether events (or file operations' results) are waiting to be handled."""
         return self._taken != self._nev or bool(self._done)
 
     def submit(self) -> None:
         """Hand queued records to the kernel now (through the driver that owns the ring)."""
-        if self._n and self._submitter is not None:
+        if (self._n or self.sends) and self._submitter is not None:
             self._submitter()

@@ -595,7 +595,8 @@ static unsigned copy_out(iomux_ring *r, struct iomux_cqe *out, unsigned cap, int
 
 static int enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_buf, unsigned cap,
                  unsigned min_complete, int64_t timeout_ns, unsigned flags, const void *sops,
-                 unsigned nsops, const void *stage, size_t stage_len, int64_t *status);
+                 unsigned nsops, const void *sends, unsigned nsends, const void *stage,
+                 size_t stage_len, int64_t *status);
 
 /*
  * Queue nops records (and nsops stream records, with the stage they take the
@@ -608,10 +609,10 @@ static int enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_bu
  * status[2] on -EINTR the nanoseconds left of the timeout (-1: no limit), on
  * -EINVAL the index of the malformed record (none of them is consumed).
  *
- * status[3] the number of stream records consumed and status[6] the stage
- * bytes they took, status[4] the number of stream events in the event array
- * and status[5] the bytes of the data area they use (both count from the
- * last call with IOMUX_ENTER_NEW_BATCH).  Stream events make the call return
+ * status[3] the number of stream records consumed, status[4] the send pairs
+ * and status[5] the stage bytes they took, status[6] the number of stream
+ * events in the event array and status[7] the bytes of the data area they
+ * use (both count from the last call with IOMUX_ENTER_NEW_BATCH).  Stream events make the call return
  * without waiting.
  *
  * A positive timeout never ends early: returning 0 before the deadline
@@ -620,22 +621,23 @@ static int enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_bu
  */
 static int iomux_enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_buf,
                        unsigned cap, unsigned min_complete, int64_t timeout_ns,
-                       unsigned flags, const void *sops, unsigned nsops, const void *stage,
-                       size_t stage_len, int64_t *status)
+                       unsigned flags, const void *sops, unsigned nsops, const void *sends,
+                       unsigned nsends, const void *stage, size_t stage_len, int64_t *status)
 {
     int ret = enter(r, ops_buf, nops, out_buf, cap, min_complete, timeout_ns, flags, sops,
-                    nsops, stage, stage_len, status);
+                    nsops, sends, nsends, stage, stage_len, status);
 
     streams_check_backlogs(r->streams);
 
-    status[4] = r->streams ? r->streams->nev : 0;
-    status[5] = r->streams ? (int64_t)r->streams->data_len : 0;
+    status[6] = r->streams ? r->streams->nev : 0;
+    status[7] = r->streams ? (int64_t)r->streams->data_len : 0;
     return ret;
 }
 
 static int enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_buf, unsigned cap,
                  unsigned min_complete, int64_t timeout_ns, unsigned flags, const void *sops,
-                 unsigned nsops, const void *stage, size_t stage_len, int64_t *status)
+                 unsigned nsops, const void *sends, unsigned nsends, const void *stage,
+                 size_t stage_len, int64_t *status)
 {
     const struct iomux_op *ops = ops_buf;
     struct iomux_cqe *out = out_buf;
@@ -648,8 +650,7 @@ static int enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_bu
     status[0] = 0;
     status[1] = 0;
     status[2] = -1;
-    status[3] = 0;
-    status[6] = 0;
+    status[3] = status[4] = status[5] = 0;
     for (n = 0; n < nops; n++) {
         if (ops[n].op >= IOMUX_OP_COUNT || ops[n].user_data >= IOMUX_UD_RESERVED ||
             (r->streams && (ops[n].user_data & IOMUX_UD_STREAM))) {
@@ -657,7 +658,7 @@ static int enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_bu
             return -EINVAL;
         }
     }
-    if (nsops && !r->streams)
+    if ((nsops || nsends) && !r->streams)
         return -EINVAL;
     if (r->streams && (flags & IOMUX_ENTER_NEW_BATCH)) {
         r->streams->nev = 0;
@@ -668,8 +669,8 @@ static int enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_bu
     if (ret < 0)
         return ret;
     qerr = queue_ops(r, ops, nops, &status[1]);
-    if (qerr == 0 && nsops)
-        qerr = stream_records(r, sops, nsops, stage, stage_len, &status[3], &status[6]);
+    if (qerr == 0 && (nsops || nsends))
+        stream_records(r, sops, nsops, sends, nsends, stage, stage_len, &status[3]);
     r->epoch++;
     if (flags & IOMUX_ENTER_RECHECK)
         rechecked = level_recheck(r, out, cap);

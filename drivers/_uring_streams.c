@@ -24,17 +24,22 @@
 #define IOMUX_UD_STREAM (1ULL << 60)
 enum { SK_RECV = 1, SK_SEND = 2, SK_GUARD = 3, SK_CANCEL = 4, SK_ACCEPT = 5 };
 
-/* One record from Python (16 bytes). */
+/* One record from Python (24 bytes).  Sends come apart, as (slot, length)
+ * pairs of uint32 whose bytes follow one another in the stage: a record is
+ * applied after the first sends_before sends, so the two keep Python's order
+ * (a write, then write_eof(), shuts down after sending). */
 struct iomux_sop {
     uint32_t kind;
     uint32_t slot;
     uint64_t arg;
+    uint32_t sends_before;
+    uint32_t pad;
 };
 enum {
     IOMUX_SOP_OPEN = 1,    /* arg = fd of a connected socket (nothing armed yet) */
     IOMUX_SOP_READ = 2,    /* receive (again) */
     IOMUX_SOP_PAUSE = 3,   /* stop receiving */
-    IOMUX_SOP_SEND = 4,    /* arg = byte count, taken from the stage in record order */
+    IOMUX_SOP_SEND = 4,    /* (in the send pairs, not a record) */
     IOMUX_SOP_SHUT_WR = 5, /* shutdown(SHUT_WR) once everything is sent */
     IOMUX_SOP_CLOSE = 6,   /* arg = 0: once everything is sent (DRAINED), 1: now */
     IOMUX_SOP_NOTIFY = 7,  /* arg = a sent total: report SENT when it is reached */
@@ -68,12 +73,14 @@ enum { IOMUX_ERR_RECV = 0, IOMUX_ERR_SEND = 1, IOMUX_ERR_SHUTDOWN = 2, IOMUX_ERR
 
 /* The layouts Python packs and unpacks (drivers/_uring.py checks them at import). */
 #define IOMUX_SOP_SIZE sizeof(struct iomux_sop)
+#define IOMUX_SOP_OFF_SENDS_BEFORE offsetof(struct iomux_sop, sends_before)
 #define IOMUX_SEV_SIZE sizeof(struct iomux_sev)
 #define IOMUX_SEV_OFF_KIND offsetof(struct iomux_sev, kind)
 #define IOMUX_SEV_OFF_RES offsetof(struct iomux_sev, res)
 #define IOMUX_SEV_OFF_OFF offsetof(struct iomux_sev, off)
-_Static_assert(sizeof(struct iomux_sop) == 16 && offsetof(struct iomux_sop, arg) == 8,
-               "stream records are \"=IIQ\"");
+_Static_assert(sizeof(struct iomux_sop) == 24 && offsetof(struct iomux_sop, arg) == 8 &&
+                   offsetof(struct iomux_sop, sends_before) == 16,
+               "stream records are \"=IIQII\"");
 _Static_assert(sizeof(struct iomux_sev) == 16 && offsetof(struct iomux_sev, kind) == 4 &&
                    offsetof(struct iomux_sev, res) == 8 && offsetof(struct iomux_sev, off) == 12,
                "stream events are \"=IIiI\"");
@@ -464,8 +471,7 @@ static int stream_send(iomux_ring *r, struct iomux_conn *c, uint32_t slot,
 }
 
 /* Apply one record.  Returns 0 or -errno (the record is then dropped). */
-static int stream_record(iomux_ring *r, const struct iomux_sop *op, const unsigned char *stage,
-                         size_t stage_len, size_t *stage_off)
+static int stream_record(iomux_ring *r, const struct iomux_sop *op)
 {
     struct iomux_streams *s = r->streams;
     struct iomux_conn *c = conn_at(s, op->slot);
@@ -522,14 +528,6 @@ static int stream_record(iomux_ring *r, const struct iomux_sop *op, const unsign
         if ((c->flags & CF_RECV) && !(c->flags & CF_RECV_CANCEL))
             err = cancel_recv(r, c, op->slot);
         return err;
-    case IOMUX_SOP_SEND:
-        if (op->arg > stage_len - *stage_off)
-            return -EINVAL;
-        err = (c->flags & CF_USED)
-                  ? stream_send(r, c, op->slot, stage + *stage_off, (size_t)op->arg)
-                  : 0;
-        *stage_off += (size_t)op->arg;
-        return err;
     case IOMUX_SOP_SHUT_WR:
         if (!(c->flags & CF_USED) || (c->flags & CF_DYING))
             return 0;
@@ -579,26 +577,63 @@ static int stream_room(iomux_ring *r)
     return io_uring_sq_space_left(&r->ring) >= SQES_PER_STEP;
 }
 
-/* Apply the records; *done counts those consumed.  Stops early when there is
- * no room for what the next one may produce (the rest is passed again). */
-static int stream_records(iomux_ring *r, const struct iomux_sop *ops, unsigned nops,
-                          const unsigned char *stage, size_t stage_len, int64_t *done,
-                          int64_t *stage_used)
+/* Apply one send pair: n bytes of the stage at *stage_off for slot. */
+static void stream_send_pair(iomux_ring *r, uint32_t slot, uint32_t n, const unsigned char *stage,
+                             size_t stage_len, size_t *stage_off)
 {
-    size_t off = 0;
-    unsigned i;
+    struct iomux_conn *c;
     int err;
 
-    for (i = 0; i < nops; i++) {
-        if (!stream_room(r))
+    if (n > stage_len - *stage_off) {
+        emit(r->streams, slot, IOMUX_SEV_ERROR, -EINVAL, IOMUX_ERR_RECORD);
+        *stage_off = stage_len;
+        return;
+    }
+    c = conn_at(r->streams, slot);
+    if (c && (c->flags & CF_USED)) {
+        err = stream_send(r, c, slot, stage + *stage_off, n);
+        if (err < 0)
+            emit(r->streams, slot, IOMUX_SEV_ERROR, err, IOMUX_ERR_RECORD);
+    }
+    *stage_off += n;
+}
+
+/* Apply the records and the send pairs in their order; done[0] counts the
+ * records consumed, done[1] the send pairs, done[2] the stage bytes.  Stops
+ * early when there is no room for what the next one may produce (the rest
+ * is passed again). */
+static void stream_records(iomux_ring *r, const struct iomux_sop *ops, unsigned nops,
+                           const uint32_t *sends, unsigned nsends, const unsigned char *stage,
+                           size_t stage_len, int64_t *done)
+{
+    size_t off = 0;
+    unsigned i = 0, k = 0;
+    int err;
+
+    for (;;) {
+        unsigned upto = i < nops ? ops[i].sends_before : nsends;
+
+        if (upto > nsends)
+            upto = nsends;
+        while (k < upto) {
+            if (!stream_room(r))
+                goto out;
+            stream_send_pair(r, sends[2 * k], sends[2 * k + 1], stage, stage_len, &off);
+            k++;
+        }
+        if (i == nops)
             break;
-        err = stream_record(r, &ops[i], stage, stage_len, &off);
+        if (!stream_room(r))
+            goto out;
+        err = stream_record(r, &ops[i]);
         if (err < 0)
             emit(r->streams, ops[i].slot, IOMUX_SEV_ERROR, err, IOMUX_ERR_RECORD);
+        i++;
     }
-    *done = i;
-    *stage_used = (int64_t)off;
-    return 0;
+out:
+    done[0] = i;
+    done[1] = k;
+    done[2] = (int64_t)off;
 }
 
 static void recycle(struct iomux_streams *s, unsigned bid)

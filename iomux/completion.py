@@ -92,6 +92,12 @@ class CompletionPort(ABC):
     def pause(self, slot: int) -> None:
         """Stop receiving on ``slot`` (``DATA`` already on its way may still come)."""
 
+    #: The fast path of :meth:`send`, for a caller that inlines it: the bytes of
+    #: each send appended to ``stage``, and ``slot`` then ``len(data)`` (at most
+    #: 2**32 - 1) to ``sends`` (an ``array("I")``), in that order.
+    stage: bytearray
+    sends: Any
+
     @abstractmethod
     def send(self, slot: int, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` on ``slot`` after everything sent before; the port copies it."""

@@ -594,8 +594,9 @@ def test_pause_cancels_the_receive_and_resume_delivers_in_order(reactor: Reactor
             while time.monotonic() < end:
                 reactor.run_once(0.01)
                 assert len(recs[0].events) == seen, "data_received was called while paused"
-            # The receive was cancelled: the bytes wait in the kernel, untouched.
-            assert waiting > 64 * 1024 and unread(sock) == waiting
+            # The receive was cancelled: the bytes wait in the kernel, untouched
+            # (more may still arrive from the sender, none leaves).
+            assert waiting > 64 * 1024 and unread(sock) >= waiting
         transport.resume_reading()
         run_until(reactor, lambda: recs[0].lost.done())
     assert bytes(recs[0].received) == payload

@@ -520,7 +520,14 @@ class BaseReactor(asyncio.AbstractEventLoop):
     def set_default_executor(self, executor: Any) -> None:
         """Use ``executor`` (a ThreadPoolExecutor) for ``run_in_executor(None, ...)``."""
         if not isinstance(executor, concurrent.futures.ThreadPoolExecutor):
-            raise TypeError("executor must be ThreadPoolExecutor")
+            if sys.version_info >= (3, 11):
+                raise TypeError("executor must be ThreadPoolExecutor")
+            warnings.warn(  # as asyncio 3.10 does
+                "Using the default executor that is not an instance of ThreadPoolExecutor "
+                "is deprecated and will be prohibited in Python 3.9",
+                DeprecationWarning,
+                2,
+            )
         self._default_executor = executor
 
     async def shutdown_default_executor(self, timeout: float | None = None) -> None:

@@ -243,18 +243,22 @@ class CompletionStreamTransport(StreamTransport):
     __slots__ = (
         "_acked",
         "_backlogged",
+        "_blocked",
         "_data_received",
         "_detached",
         "_held",
         "_held_end",
         "_io",
+        "_pause_above",
         "_port",
         "_reading",
         "_release_wanted",
         "_sendfile",
+        "_sends",
         "_sent_waiter",
         "_slot",
         "_slot_closed",
+        "_stage",
         "_written",
     )
     _sendfile_compatible = _SendfileMode.TRY_NATIVE
@@ -276,6 +280,11 @@ class CompletionStreamTransport(StreamTransport):
         self._written = 0  # bytes write() accepted, ever
         self._acked = 0  # bytes the kernel confirmed sending, as last read from the port
         self._backlogged = False  # the kernel refused bytes lately: pause as readiness does
+        self._pause_above = max(HARD_BACKLOG, 16 * self._high_water)
+        # Set once writes cannot take the fast path (write_eof, lost, sendfile).
+        self._blocked = False
+        self._stage = port.stage
+        self._sends = port.sends
         self._held: deque[bytes] = deque()
         self._held_end: int | None = None  # 0 (EOF) or -errno met while paused
         self._slot_closed = False
@@ -418,11 +427,11 @@ class CompletionStreamTransport(StreamTransport):
                     waiter.set_result(None)
             self._acked = self._port.sent(self._slot)
             if kind == _BACKLOG:
-                self._backlogged = True
+                self._set_backlogged(True)
                 self._maybe_pause_protocol()
             else:
                 if self._acked == self._written:
-                    self._backlogged = False  # the kernel took everything again
+                    self._set_backlogged(False)  # the kernel took everything again
                 self._maybe_resume_protocol()
             self._want_notify()
         elif kind == _DRAINED:
@@ -438,32 +447,55 @@ class CompletionStreamTransport(StreamTransport):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` with the loop's next system call (after what was written before)."""
-        if type(data) is not bytes or self._eof or self._conn_lost or not data or self._sendfile:
-            if self._sendfile and isinstance(data, (bytes, bytearray, memoryview)):
-                raise RuntimeError("unable to write; sendfile is in progress")
-            if not self._check_write(data):
-                return
-            if not isinstance(data, bytes):
-                data = bytes(memoryview(data).cast("B"))  # the caller may reuse its buffer
-        self._port.send(self._slot, data)
-        written = self._written = self._written + len(data)
+        if type(data) is not bytes or self._blocked or not data or len(data) > 0xFFFFFFFF:
+            self._write_slow(data)
+            return
+        # The port's fast path: the bytes go to its stage, (slot, length) to
+        # its send pairs; one C call per loop iteration takes them all.
+        n = len(data)
+        self._stage += data
+        sends = self._sends
+        sends.append(self._slot)
+        sends.append(n)
+        written = self._written = self._written + n
         if self._deadlines is not None:
             self._last_io = self._loop.time()
+        if written - self._acked > self._pause_above and not self._protocol_paused:
+            self._check_pause()
+
+    def _write_slow(self, data: Any) -> None:
+        if self._sendfile and isinstance(data, (bytes, bytearray, memoryview)):
+            raise RuntimeError("unable to write; sendfile is in progress")
+        if not self._check_write(data):
+            return
+        # A copy: the caller may reuse its buffer at once.
+        data = data if isinstance(data, bytes) else bytes(memoryview(data).cast("B"))
+        self._port.send(self._slot, data)
+        self._written += len(data)
+        if self._deadlines is not None:
+            self._last_io = self._loop.time()
+        if self._written - self._acked > self._pause_above and not self._protocol_paused:
+            self._check_pause()
+
+    def _check_pause(self) -> None:
         # Flow control. While the kernel takes everything, the port reports
         # BACKLOG once it refuses bytes; only a writer that never lets the
-        # loop run is paused here. Once it refused (backlogged), writes pause
-        # the protocol above the high-water mark at once, as readiness does.
-        if self._protocol_paused:
-            return
-        if self._backlogged:
-            bound = self._high_water
-        else:
-            bound = max(HARD_BACKLOG, 16 * self._high_water)
-        if written - self._acked > bound:
-            self._acked = self._port.sent(self._slot)
-            if written - self._acked > bound:
-                self._maybe_pause_protocol()
-                self._want_notify()
+        # loop run is paused here (above HARD_BACKLOG). Once it refused
+        # (backlogged), writes pause the protocol above the high-water mark
+        # at once, as readiness transports do.
+        self._acked = self._port.sent(self._slot)
+        if self._written - self._acked > self._pause_above:
+            self._maybe_pause_protocol()
+            self._want_notify()
+
+    def _set_backlogged(self, backlogged: bool) -> None:
+        self._backlogged = backlogged
+        high = self._high_water
+        self._pause_above = high if backlogged else max(HARD_BACKLOG, 16 * high)
+
+    def _lost(self, exc: BaseException | None) -> None:
+        self._blocked = True  # writes go the slow way: they are dropped now
+        super()._lost(exc)
 
     def _want_notify(self) -> None:
         """While writing is paused, ask to be told when the buffer drains to low water."""
@@ -483,11 +515,13 @@ class CompletionStreamTransport(StreamTransport):
         if self._closing or self._eof:
             return
         self._eof = True
+        self._blocked = True
         self._port.shutdown_write(self._slot)
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         """Set the buffer sizes at which ``pause_writing``/``resume_writing`` fire."""
         super().set_write_buffer_limits(high, low)
+        self._set_backlogged(self._backlogged)
         if not self._slot_closed:
             self._port.limit_backlog(self._slot, self._high_water)
         self._want_notify()
@@ -527,7 +561,7 @@ class CompletionStreamTransport(StreamTransport):
 
         resume = self.is_reading()
         self.pause_reading()
-        self._sendfile = True  # write() refuses meanwhile
+        self._sendfile = self._blocked = True  # write() refuses meanwhile
         try:
             if port.sent(self._slot) < self._written:
                 self._sent_waiter = self._loop.create_future()
@@ -550,6 +584,7 @@ class CompletionStreamTransport(StreamTransport):
         finally:
             self._sent_waiter = None
             self._sendfile = False
+            self._blocked = bool(self._eof or self._conn_lost)
             if resume:
                 self.resume_reading()
 
