@@ -16,10 +16,10 @@ built-in driver that cannot run on Linux makes its tests *fail* with the
 reason: a skip would hide a broken install. A capability a driver declares
 it lacks is a skip that names the capability (see :func:`require`).
 
-Reactor tests also take the ``reactor_io`` fixture: they run once with the
-readiness strategy and once with the completion strategy, which is a skip
-on drivers that do not declare ``capabilities.completion``; so every driver
-has the same number of cases.
+Event-loop tests also take the ``reactor_io`` fixture: they run once with
+readiness I/O (``Reactor(io="readiness")``) and once with completion I/O
+(``io="completion"``), which is a skip on drivers that do not declare
+``capabilities.completion``; so every driver has the same number of cases.
 
 The asyncio-compatibility section (``test_asyncio_*.py``) takes the
 ``loop_kind`` and ``aio_loop`` fixtures: each of its tests runs once on stock
@@ -219,13 +219,13 @@ def mux(driver: type[Multiplexer]) -> Iterator[Multiplexer]:
         instance.close()
 
 
-#: The reactor's I/O strategies; reactor tests run once per strategy.
+#: The loop's kinds of I/O; event-loop tests run once per kind.
 REACTOR_IO = ("readiness", "completion")
 
 
 @pytest.fixture(params=REACTOR_IO)
 def reactor_io(driver: type[Multiplexer], request: pytest.FixtureRequest) -> str:
-    """The reactor strategy under test; completion is skipped where not declared."""
+    """The loop's kind of I/O under test; completion is skipped where not declared."""
     if request.param == "completion":
         require_completion(driver)
     return str(request.param)

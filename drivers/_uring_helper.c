@@ -135,6 +135,7 @@ _Static_assert(sizeof(struct iomux_cqe) == 16 && offsetof(struct iomux_cqe, res)
 /* What the helper remembers of one fd's level poll. */
 struct iomux_level {
     uint64_t user_data; /* the level poll that last reported this fd (0: none) */
+    uint64_t armed;     /* the level poll queued last for this fd (0: none) */
     uint32_t epoch;     /* the iomux_enter() call that last reported it */
     uint8_t hot;        /* in the list of fds to re-check */
 };
@@ -410,13 +411,29 @@ static void level_reported(iomux_ring *r, struct iomux_level *slot, int fd, uint
     }
 }
 
+/* Level poll ud was queued for its fd: it replaces any earlier one. */
+static void level_armed(iomux_ring *r, uint64_t ud)
+{
+    struct iomux_level *slot;
+
+    if (!(ud & IOMUX_UD_LEVEL))
+        return;
+    slot = level_slot(r, (int)(ud & 0xFFFFFFFFu));
+    if (slot)
+        slot->armed = ud;
+}
+
 /* A removal of poll ud was queued: it must not be re-checked any more. */
 static void level_removed(iomux_ring *r, uint64_t ud)
 {
     int fd = (int)(ud & 0xFFFFFFFFu);
 
-    if ((ud & IOMUX_UD_LEVEL) && (unsigned)fd < r->nlevel && r->level[fd].user_data == ud)
+    if (!(ud & IOMUX_UD_LEVEL) || (unsigned)fd >= r->nlevel)
+        return;
+    if (r->level[fd].user_data == ud)
         r->level[fd].user_data = 0;
+    if (r->level[fd].armed == ud)
+        r->level[fd].armed = 0;
 }
 
 /* Re-check the fds level polls reported last time: one poll(2) call; the
@@ -510,6 +527,10 @@ static int queue_ops(iomux_ring *r, const struct iomux_op *ops, unsigned nops, i
         prep_op(sqe, &ops[i]);
         if (ops[i].op == IOMUX_OP_POLL_REMOVE)
             level_removed(r, ops[i].addr);
+        else if (ops[i].op == IOMUX_OP_POLL_MULTISHOT)
+            level_armed(r, ops[i].user_data);
+        else if (ops[i].op == IOMUX_OP_POLL_UPDATE)
+            level_armed(r, ops[i].addr2);
     }
     *done = nops;
     return 0;
@@ -566,6 +587,11 @@ static unsigned copy_out(iomux_ring *r, struct iomux_cqe *out, unsigned cap, int
                 int fd = (int)(cqe->user_data & 0xFFFFFFFFu);
                 struct iomux_level *slot = level_slot(r, fd);
 
+                /* A replaced poll whose removal is still in flight can
+                 * report after its successor: it must not take the fd's
+                 * slot, or the re-checks would report the stale poll. */
+                if (slot && slot->armed != cqe->user_data)
+                    slot = NULL;
                 if (slot && (cqe->flags & IORING_CQE_F_MORE) && cqe->res > 0) {
                     if (slot->user_data == cqe->user_data && slot->epoch == r->epoch)
                         continue; /* reported by this call's re-check already */

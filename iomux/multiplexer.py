@@ -382,6 +382,16 @@ class Multiplexer(ABC):
         ``None`` waits until an event or :meth:`wakeup`; ``0`` or less never
         blocks; a positive timeout never returns early with nothing to report.
         """
+        new_event = tuple.__new__
+        return [new_event(Event, (fd, MASKS[mask], data)) for fd, mask, data in self.ready(timeout)]
+
+    def ready(self, timeout: float | None = None) -> list[tuple[int, int, Any]]:
+        """The wait of :meth:`poll`, returning plain ``(fd, mask, data)`` tuples.
+
+        ``mask`` is an int (1 read, 2 write, 3 both) rather than an
+        :class:`Interest`: the cheaper form for an event loop, which dispatches
+        on ``data`` and compares masks with ints.
+        """
         self._check_usable()
         deadline: float | None = None
         remaining: float | None
@@ -397,12 +407,11 @@ class Multiplexer(ABC):
                 deadline = time.monotonic() + remaining
             else:
                 raise ValueError(f"timeout must be a number of seconds, not {timeout!r}")
-        events: list[Event] = []
+        events: list[tuple[int, int, Any]] = []
         append = events.append
         want_of = self._want
         registrations = self._map
         ev_masks = self._ev_masks
-        new_event = tuple.__new__
         emulate_oneshot = self.emulate_oneshot
         while True:
             if remaining is not None and remaining > MAX_WAIT:
@@ -421,7 +430,7 @@ class Multiplexer(ABC):
                 if not mask:
                     continue
                 reg = registrations[fd]
-                append(new_event(Event, (fd, MASKS[mask], reg.data)))
+                append((fd, mask, reg.data))
                 if emulate_oneshot and reg.trigger is Trigger.ONESHOT:
                     self._control(fd, reg, None)
                     want_of[fd] = 0

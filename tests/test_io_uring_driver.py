@@ -213,3 +213,28 @@ def test_unregister_then_close_releases_the_file(uring: IoUringDriver) -> None:
         a.close()
         b.settimeout(2)
         assert b.recv(1) == b""
+
+
+def test_level_reports_survive_modify_while_data_flows(uring: IoUringDriver) -> None:
+    """A replaced level poll whose removal failed (it was busy reporting a
+    wake-up) lives on until the removal is retried, and a wake-up in between
+    reaches it after its successor; the fd must still be reported while it
+    is readable (a lost report here stalls a connection for good)."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    with a, b:
+        uring.register(a, Interest.READ)
+        for i in range(200):
+            b.send(b"y" * 512)  # a wake-up for the current poll...
+            # ...before the registration changes, as a transport's does
+            # when its write buffer fills and drains.
+            uring.modify(a, Interest.READ | Interest.WRITE if i % 2 else Interest.READ)
+            for attempt in range(3):
+                reported = 0
+                for event in uring.poll(2.0):
+                    reported |= event.events
+                # Nothing was read: level triggering reports it every time.
+                assert reported & Interest.READ, f"iteration {i}: no report {attempt}"
+                if attempt == 0:
+                    b.send(b"z" * 512)  # wakes the old poll and the new one
+            assert a.recv(65536)

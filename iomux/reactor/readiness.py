@@ -67,6 +67,10 @@ _WRITE = 2
 _BOTH = 3
 # EDGE mode: reads per event before the rest is left to a callback.
 _EDGE_READS = 4
+# os.read and os.write on the socket's fd do what recv() and send() without
+# flags do, with cheaper argument parsing: the per-message hot path.
+_os_read = os.read
+_os_write = os.write
 _SendfileMode = aio_constants._SendfileMode
 # asyncio 3.13 sends empty datagrams; earlier versions drop them.
 _EMPTY_DATAGRAMS_DROPPED = sys.version_info < (3, 13)
@@ -141,7 +145,7 @@ class ReadinessReactor(NetworkReactor):
     # -- waiting ------------------------------------------------------------------
 
     def _process_io(self, timeout: float | None) -> None:
-        for _fd, mask, callback in self._mux.poll(timeout):
+        for _fd, mask, callback in self._mux.ready(timeout):
             try:
                 callback(mask)
             except (SystemExit, KeyboardInterrupt):
@@ -707,7 +711,7 @@ class ReadinessStreamTransport(StreamTransport):
     def _read(self) -> bool:
         """Read once; return whether a further read may find more."""
         try:
-            data = self._sock.recv(READ_SIZE)  # type: ignore[union-attr]
+            data = _os_read(self._sock_fd, READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return False
         except (SystemExit, KeyboardInterrupt):
@@ -802,7 +806,7 @@ class ReadinessStreamTransport(StreamTransport):
             self._write_slow(data)
             return
         try:
-            n = self._sock.send(data)  # type: ignore[union-attr]
+            n = _os_write(self._sock_fd, data)
         except (BlockingIOError, InterruptedError):
             n = 0
         except (SystemExit, KeyboardInterrupt):
