@@ -382,8 +382,7 @@ class Multiplexer(ABC):
         ``None`` waits until an event or :meth:`wakeup`; ``0`` or less never
         blocks; a positive timeout never returns early with nothing to report.
         """
-        new_event = tuple.__new__
-        return [new_event(Event, (fd, MASKS[mask], data)) for fd, mask, data in self.ready(timeout)]
+        return self._collect(timeout, True)
 
     def ready(self, timeout: float | None = None) -> list[tuple[int, int, Any]]:
         """The wait of :meth:`poll`, returning plain ``(fd, mask, data)`` tuples.
@@ -392,6 +391,10 @@ class Multiplexer(ABC):
         :class:`Interest`: the cheaper form for an event loop, which dispatches
         on ``data`` and compares masks with ints.
         """
+        return self._collect(timeout, False)
+
+    def _collect(self, timeout: float | None, as_events: bool) -> list[Any]:
+        # The wait of poll() (Event tuples) and ready() (plain tuples).
         self._check_usable()
         deadline: float | None = None
         remaining: float | None
@@ -407,8 +410,9 @@ class Multiplexer(ABC):
                 deadline = time.monotonic() + remaining
             else:
                 raise ValueError(f"timeout must be a number of seconds, not {timeout!r}")
-        events: list[tuple[int, int, Any]] = []
+        events: list[Any] = []
         append = events.append
+        new_event = tuple.__new__
         want_of = self._want
         registrations = self._map
         ev_masks = self._ev_masks
@@ -430,7 +434,10 @@ class Multiplexer(ABC):
                 if not mask:
                     continue
                 reg = registrations[fd]
-                append((fd, mask, reg.data))
+                if as_events:
+                    append(new_event(Event, (fd, MASKS[mask], reg.data)))
+                else:
+                    append((fd, mask, reg.data))
                 if emulate_oneshot and reg.trigger is Trigger.ONESHOT:
                     self._control(fd, reg, None)
                     want_of[fd] = 0
