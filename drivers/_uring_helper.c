@@ -248,12 +248,17 @@ static int ensure_enabled(iomux_ring *r)
     return 0;
 }
 
-static int needs_flush(const iomux_ring *r)
+/* Completions parked on the overflow list, or, with tw, (DEFER/COOP_TASKRUN)
+ * task work that will post completions once we enter the kernel.  The
+ * kernel runs only so much task work per enter: the polls a call submits
+ * may need a second enter to report (poll(0) right after register() must
+ * see them).  Task work from wake-ups that came in after a wait returned
+ * is better left to the next call, whose enter runs it anyway: flushing it
+ * at once costs one more system call per loop iteration. */
+static int needs_flush(const iomux_ring *r, int tw)
 {
-    /* Completions parked on the overflow list, or (DEFER/COOP_TASKRUN)
-     * task work that will post completions once we enter the kernel. */
     unsigned kflags = IO_URING_READ_ONCE(*r->ring.sq.kflags);
-    return (kflags & (IORING_SQ_CQ_OVERFLOW | IORING_SQ_TASKRUN)) != 0;
+    return (kflags & (IORING_SQ_CQ_OVERFLOW | (tw ? IORING_SQ_TASKRUN : 0))) != 0;
 }
 
 /* An SQE, submitting what is queued to make room when the SQ is full. */
@@ -556,7 +561,8 @@ static void internal_cqe(iomux_ring *r, const struct io_uring_cqe *cqe, int64_t 
 /* Copy up to cap completions out and advance the CQ past them.  Whatever
  * does not fit stays in the CQ (or the kernel's overflow list) for the next
  * call: nothing is dropped. */
-static unsigned copy_out(iomux_ring *r, struct iomux_cqe *out, unsigned cap, int64_t *status)
+static unsigned copy_out(iomux_ring *r, struct iomux_cqe *out, unsigned cap, int64_t *status,
+                         int flush_tw)
 {
     struct io_uring_cqe *cqe;
     unsigned n = 0, head, seen;
@@ -607,14 +613,14 @@ static unsigned copy_out(iomux_ring *r, struct iomux_cqe *out, unsigned cap, int
         }
         io_uring_cq_advance(&r->ring, seen);
         streams_publish(r->streams);
-        if (n == cap || stopped || !needs_flush(r))
+        if (n == cap || stopped || !needs_flush(r, flush_tw))
             break;
         /* One enter with GETEVENTS moves overflowed completions into the
          * CQ and runs deferred task work. */
         if (io_uring_get_events(&r->ring) < 0 || io_uring_cq_ready(&r->ring) == 0)
             break;
     }
-    if ((n == cap || stopped) && (io_uring_cq_ready(&r->ring) || needs_flush(r)))
+    if ((n == cap || stopped) && (io_uring_cq_ready(&r->ring) || needs_flush(r, 1)))
         status[0] |= IOMUX_ST_MORE;
     return n;
 }
@@ -706,9 +712,9 @@ static int enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_bu
         /* No waiting.  Enter only if there is something to submit or the
          * kernel holds completions back (overflow, deferred task work). */
         ret = 0;
-        if (io_uring_sq_ready(&r->ring) || needs_flush(r))
+        if (io_uring_sq_ready(&r->ring) || needs_flush(r, 1))
             ret = io_uring_submit_and_get_events(&r->ring);
-        n = rechecked + copy_out(r, out + rechecked, cap - rechecked, status);
+        n = rechecked + copy_out(r, out + rechecked, cap - rechecked, status, 1);
         if (n || (r->streams && r->streams->nev))
             return (int)n;
         if (ret < 0)
@@ -737,7 +743,7 @@ static int enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_bu
         /* With IORING_FEAT_EXT_ARG the timespec is read during this call;
          * without it liburing queues a timeout SQE and submits it here too. */
         ret = io_uring_submit_and_wait_timeout(&r->ring, &cqe, 1, &ts, NULL);
-        n = copy_out(r, out, cap, status);
+        n = copy_out(r, out, cap, status, nops > 0);
         if (n || (status[0] & IOMUX_ST_WOKEN) || (r->streams && r->streams->nev))
             return (int)n;
         now = now_ns();
