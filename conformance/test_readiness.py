@@ -85,6 +85,23 @@ def test_modify_changes_interest_and_data(mux: Multiplexer) -> None:
         assert mux.poll(0) == []
 
 
+def test_readiness_gone_before_the_wait_is_not_reported(mux: Multiplexer) -> None:
+    """Data that arrived and was read between two waits leaves nothing to report,
+    whatever the trigger: a wait reports what is ready when it runs."""
+    for trigger in sorted(mux.capabilities.triggers, key=lambda t: t.value):
+        a, b = socketpair()
+        with a, b:
+            mux.register(a, R, trigger=trigger)
+            assert mux.poll(0) == []
+            for _ in range(3):
+                b.send(b"x")
+                assert drain(a) == b"x"
+                assert mux.poll(0) == [], trigger
+            b.send(b"y")  # and what arrives afterwards is reported
+            assert ready_fds(mux.poll(0.5)) == {a.fileno(): int(R)}, trigger
+            mux.unregister(a)
+
+
 def test_unregister_stops_reports(mux: Multiplexer) -> None:
     a, b = socketpair()
     with a, b:

@@ -91,6 +91,7 @@ __all__ = [
     "RECORD",
     "RECORD_SIZE",
     "USER_DATA_MAX",
+    "VERIFY",
     "BufferGroup",
     "Ring",
     "RingSetupError",
@@ -214,6 +215,11 @@ _ST_STREAMS_FULL = _const("IOMUX_ST_STREAMS_FULL", 8)
 #: Bits of a level-triggered poll's user_data (see :meth:`Ring.poll_level`).
 LEVEL_IN = _const("IOMUX_UD_LEVEL_IN", 1 << 56)
 LEVEL_OUT = _const("IOMUX_UD_LEVEL_OUT", 1 << 57)
+#: A bit of a poll's user_data: its reports are checked with poll(2) before
+#: they are handed out, and one no longer ready comes out with res 0 (a
+#: wake-up's report may be posted after the data was read). Level polls
+#: are always checked.
+VERIFY = _const("IOMUX_UD_VERIFY", 1 << 58)
 
 _SETUP_FLAG_NAMES = (
     "SUBMIT_ALL",

@@ -119,6 +119,14 @@ _Static_assert(sizeof(struct iomux_cqe) == 16 && offsetof(struct iomux_cqe, res)
 #define IOMUX_UD_LEVEL_OUT (1ULL << 57) /* re-check for POLLOUT */
 #define IOMUX_UD_LEVEL (IOMUX_UD_LEVEL_IN | IOMUX_UD_LEVEL_OUT)
 
+/* A poll report can be stale: a wake-up carries its readiness mask, and
+ * with DEFER_TASKRUN the report is posted only at the next enter, by when
+ * the data may have been read.  Reports of polls with this bit (or a
+ * level bit) are checked with one poll(2) before they are handed out;
+ * one found not ready any more is handed out with res 0. */
+#define IOMUX_UD_VERIFY (1ULL << 58)
+#define IOMUX_UD_NOT_A_POLL ((1ULL << 60) | (1ULL << 61) | (1ULL << 62))
+
 /* Flags of iomux_enter(). */
 #define IOMUX_ENTER_RECHECK 1   /* re-check the level polls reported last time */
 #define IOMUX_ENTER_NEW_BATCH 2 /* the caller handled the stream events: start anew */
@@ -150,6 +158,8 @@ typedef struct iomux_ring {
     int *hot, *hot_next;       /* fds to re-check, this and the next call */
     unsigned nhot, nhot_next, hotcap;
     struct pollfd *pfds;
+    struct pollfd *vfds;       /* poll reports to check (verify_polls) */
+    unsigned *vidx, vcap;
     uint32_t epoch;
     unsigned setup_flags; /* flags the kernel accepted */
     int wake_fd;          /* eventfd polled for wake-ups from any thread */
@@ -508,6 +518,43 @@ static unsigned level_recheck(iomux_ring *r, struct iomux_cqe *out, unsigned cap
     return n;
 }
 
+/* Check the poll reports out[0..n) hold with one poll(2) (see
+ * IOMUX_UD_VERIFY): each gets what the fd is ready for now, or 0. */
+static void verify_polls(iomux_ring *r, struct iomux_cqe *out, unsigned n)
+{
+    unsigned i, m = 0;
+
+    for (i = 0; i < n; i++) {
+        uint64_t ud = out[i].user_data;
+
+        if (out[i].res <= 0 || ud >= IOMUX_UD_RESERVED || (ud & IOMUX_UD_NOT_A_POLL) ||
+            !(ud & (IOMUX_UD_VERIFY | IOMUX_UD_LEVEL)))
+            continue;
+        if (m == r->vcap) {
+            unsigned cap = r->vcap ? 2 * r->vcap : 64;
+            struct pollfd *f = realloc(r->vfds, cap * sizeof *f);
+            unsigned *x;
+
+            if (!f)
+                return; /* out of memory: hand the reports out as they are */
+            r->vfds = f;
+            x = realloc(r->vidx, cap * sizeof *x);
+            if (!x)
+                return;
+            r->vidx = x;
+            r->vcap = cap;
+        }
+        r->vfds[m].fd = (int)(ud & 0xFFFFFFFFu);
+        r->vfds[m].events = (short)(out[i].res & (POLLIN | POLLOUT | POLLPRI));
+        r->vfds[m].revents = 0;
+        r->vidx[m++] = i;
+    }
+    if (m == 0 || poll(r->vfds, m, 0) < 0)
+        return; /* (EINTR, ENOMEM: the reports go out unchecked) */
+    for (i = 0; i < m; i++)
+        out[r->vidx[i]].res = r->vfds[i].revents;
+}
+
 /* Turn records into SQEs; *done counts the records consumed. */
 static int queue_ops(iomux_ring *r, const struct iomux_op *ops, unsigned nops, int64_t *done)
 {
@@ -714,7 +761,9 @@ static int enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_bu
         ret = 0;
         if (io_uring_sq_ready(&r->ring) || needs_flush(r, 1))
             ret = io_uring_submit_and_get_events(&r->ring);
-        n = rechecked + copy_out(r, out + rechecked, cap - rechecked, status, 1);
+        n = copy_out(r, out + rechecked, cap - rechecked, status, 1);
+        verify_polls(r, out + rechecked, n); /* (the re-checked ones are fresh) */
+        n += rechecked;
         if (n || (r->streams && r->streams->nev))
             return (int)n;
         if (ret < 0)
@@ -744,6 +793,7 @@ static int enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_bu
          * without it liburing queues a timeout SQE and submits it here too. */
         ret = io_uring_submit_and_wait_timeout(&r->ring, &cqe, 1, &ts, NULL);
         n = copy_out(r, out, cap, status, nops > 0);
+        verify_polls(r, out, n);
         if (n || (status[0] & IOMUX_ST_WOKEN) || (r->streams && r->streams->nev))
             return (int)n;
         now = now_ns();
@@ -796,6 +846,8 @@ static void iomux_ring_close(iomux_ring *r, int cancel)
     free(r->hot);
     free(r->hot_next);
     free(r->pfds);
+    free(r->vfds);
+    free(r->vidx);
     free(r);
 }
 

@@ -23,7 +23,11 @@ made between two waits are submitted together with the wait, in one
 ``io_uring_enter``.
 
 Every request carries ``user_data = generation << 32 | fd`` (plus, for a
-LEVEL poll, the bits that tell the helper what to re-check). A change of a
+LEVEL poll, the bits that tell the helper what to re-check, and for the
+others :data:`~iomux.drivers._uring.VERIFY`). The helper checks every poll
+report with one ``poll(2)`` before handing it out: the kernel posts a
+wake-up's readiness mask at the next enter, by when the data may have been
+read, and epoll would not report such an fd. A change of a
 registration cancels the old request and arms a new one under a new
 generation, so a completion that was already on its way for the old one is
 recognised and dropped: no stale event ever reaches the caller.
@@ -46,7 +50,7 @@ from iomux.errors import BackendUnavailable
 from iomux.multiplexer import Capabilities, Multiplexer, Registration, Trigger
 
 from . import _uring
-from ._uring import COMPLETION_TAG, CQE, F_MORE, LEVEL_IN, LEVEL_OUT, POLLIN, POLLOUT
+from ._uring import COMPLETION_TAG, CQE, F_MORE, LEVEL_IN, LEVEL_OUT, POLLIN, POLLOUT, VERIFY
 from .pollable import PollMasks
 
 _FD_MASK = 0xFFFFFFFF
@@ -145,8 +149,10 @@ class IoUringDriver(PollMasks, Multiplexer):
             user_data |= (LEVEL_IN if mask & POLLIN else 0) | (LEVEL_OUT if mask & POLLOUT else 0)
             self.ring.poll_level(fd, mask, user_data)
         elif trigger is Trigger.EDGE:
+            user_data |= VERIFY
             self.ring.poll_multishot(fd, mask, user_data)
         else:
+            user_data |= VERIFY
             self.ring.poll_add(fd, mask, user_data)
         self._live[fd] = (user_data, mask, trigger)
         self._polls[user_data] = fd
@@ -294,11 +300,14 @@ class IoUringDriver(PollMasks, Multiplexer):
         if not flags & F_MORE:
             self._polls.pop(user_data, None)
             trigger = state[2]
-            if trigger is Trigger.ONESHOT:
+            if trigger is Trigger.ONESHOT and res:
                 live[fd] = (0, state[1], trigger)
             else:
-                rearm.append((fd, state[1], trigger))  # the kernel ended it
-        ready.append((fd, res))
+                # The kernel ended it, or a one-shot poll reported readiness
+                # that was gone when checked (res 0): arm it again.
+                rearm.append((fd, state[1], trigger))
+        if res:
+            ready.append((fd, res))
 
     def _new_ring(self, *, single_issuer: bool) -> _uring.Ring:
         entries, cq_entries, capacity = self._sizes
