@@ -531,4 +531,6 @@ def test_signal_storm_during_large_transfer(reactor: Reactor, driver: type[Multi
     assert len(recs[0].received) == size
     assert hashlib.sha256(recs[0].received).hexdigest() == want
     assert errors == []
-    assert storm.count >= 100
+    # The storm ran through the transfer (one signal per ms; a fast run of
+    # the 32 MiB exchange takes about 100 ms).
+    assert storm.count >= 20, storm.count
