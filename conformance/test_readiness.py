@@ -97,6 +97,15 @@ def test_readiness_gone_before_the_wait_is_not_reported(mux: Multiplexer) -> Non
                 b.send(b"x")
                 assert drain(a) == b"x"
                 assert mux.poll(0) == [], trigger
+            # Also when a driver handed its queued changes to the kernel
+            # between the two (unregister() may do it at once).
+            c, d = socketpair()
+            with c, d:
+                b.send(b"x")
+                mux.register(c, R)
+                mux.unregister(c)
+                assert drain(a) == b"x"
+                assert mux.poll(0) == [], trigger
             b.send(b"y")  # and what arrives afterwards is reported
             assert ready_fds(mux.poll(0.5)) == {a.fileno(): int(R)}, trigger
             mux.unregister(a)

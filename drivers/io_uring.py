@@ -42,6 +42,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import select
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -222,6 +223,8 @@ class IoUringDriver(PollMasks, Multiplexer):
         if backlog:
             self._backlog = []
             self._reap(backlog, ready, rearm)
+            if ready:
+                ready = self._still_ready(ready, rearm)
             timeout = 0
         if timeout is None:
             raw = ring.enter(1, -1, recheck=True, new_batch=True)
@@ -247,6 +250,29 @@ class IoUringDriver(PollMasks, Multiplexer):
                 merged[fd] = merged.get(fd, 0) | ev
             return merged.items()
         return ready
+
+    def _still_ready(
+        self, ready: list[tuple[int, int]], rearm: list[tuple[int, int, Trigger]]
+    ) -> list[tuple[int, int]]:
+        # Reports taken out of the ring before this wait (the helper checked
+        # them then) may be stale by now: check them again with poll(2).
+        masks: dict[int, int] = {}
+        for fd, res in ready:
+            masks[fd] = masks.get(fd, 0) | res
+        checker = select.poll()
+        for fd, res in masks.items():
+            checker.register(fd, res & (POLLIN | POLLOUT | select.POLLPRI))
+        now = dict(checker.poll(0))
+        kept = []
+        for fd in masks:
+            ev = now.get(fd, 0)
+            if ev:
+                kept.append((fd, ev))
+                continue
+            state = self._live.get(fd)
+            if state is not None and state[0] == 0 and state[2] is Trigger.ONESHOT:
+                rearm.append((fd, state[1], state[2]))  # fired for nothing: arm again
+        return kept
 
     def _reap(
         self,
