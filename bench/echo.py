@@ -172,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup if args.warmup is not None else (0.2 if quick else 2.0),
         duration=args.duration or (0.5 if quick else 10.0),
         depth=args.depth,
+        size=args.size,
         mode=args.client_mode,
         pin=can_pin() and not args.no_pin,
     )
@@ -290,6 +291,9 @@ def add_parser(sub: Any) -> None:
     )
     add_server_options(p, "comma-separated connection counts (default 1,10,100,1000)")
     p.add_argument("--depth", type=int, default=1, help="requests in flight per connection")
+    p.add_argument(
+        "--size", type=int, default=64, help="bytes per message (default 64; try 65536 for bulk)"
+    )
     p.add_argument(
         "--from-json", metavar="FILE", help="only redo the report from an earlier run's echo.json"
     )

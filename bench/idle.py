@@ -205,7 +205,12 @@ def run(args: argparse.Namespace) -> int:
     sources = [f"127.0.0.{i}" for i in range(1, args.sources + 1)]
     pin = can_pin() and not args.no_pin
     specs, notes = server_specs(
-        "echo", args.backend, peers=not args.no_peers, workers=args.workers, malloc=args.malloc
+        "echo",
+        args.backend,
+        peers=not args.no_peers,
+        workers=args.workers,
+        malloc=args.malloc,
+        loops=True,
     )
     if args.server:
         specs = [s for s in specs if s.name in args.server]

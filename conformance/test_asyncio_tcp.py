@@ -637,6 +637,17 @@ def test_half_close_callback_order(aio_loop: Loop) -> None:
         expected = ["connection_made", "data_received", "eof_received", "connection_lost"]
         assert accepted.sequence() == expected
         assert client.sequence() == expected
+        # Nobody asked for the names while the connection was up; both ends
+        # shut down (the kernel no longer knows the peer): they are still known.
+        client_name = transport.get_extra_info("sockname")
+        assert client_name[0] == "127.0.0.1" and client_name[1] > 0
+        assert transport.get_extra_info("peername") == address
+        assert accepted.tr.get_extra_info("sockname") == address
+        assert accepted.tr.get_extra_info("peername") == client_name
+        for end in (transport, accepted.tr):
+            sock = end.get_extra_info("socket")
+            assert sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM
+            assert end.get_extra_info("no such key", "default") == "default"
         await close_server(server)
 
     run(aio_loop, main())

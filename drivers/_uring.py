@@ -1182,6 +1182,7 @@ from iomux import completion as _port  # noqa: E402
 _SOP_OPEN = _const("IOMUX_SOP_OPEN", 1)
 _SOP_READ = _const("IOMUX_SOP_READ", 2)
 _SOP_PAUSE = _const("IOMUX_SOP_PAUSE", 3)
+_SOP_SEND = _const("IOMUX_SOP_SEND", 4)
 _SOP_SHUT_WR = _const("IOMUX_SOP_SHUT_WR", 5)
 _SOP_CLOSE = _const("IOMUX_SOP_CLOSE", 6)
 _SOP_NOTIFY = _const("IOMUX_SOP_NOTIFY", 7)
@@ -1189,6 +1190,8 @@ _SOP_LISTEN = _const("IOMUX_SOP_LISTEN", 8)
 _SOP_LIMIT = _const("IOMUX_SOP_LIMIT", 9)
 _sop_pack = SOP.pack_into
 _SOP_SIZE = SOP.size
+#: StreamPort.stage_max: sends this long or longer are records, not staged.
+STAGE_MAX = 16 * 1024
 _sev_iter = SEV.iter_unpack
 AT_FDCWD = -100
 _FSYNC_DATASYNC = 1  # IORING_FSYNC_DATASYNC
@@ -1273,6 +1276,13 @@ class StreamPort(_port.CompletionPort):
         #: both, and so may a caller on its fast path (stage += data, then
         #: sends.append(slot); sends.append(len(data))).
         self.sends = array.array("I")
+        #: Sends this long or longer skip the stage: each is a record pointing
+        #: at the caller's bytes, which the C helper copies once. (A stage
+        #: grown past malloc's mmap threshold and emptied at every enter
+        #: would cost an mremap system call per growth step.)
+        self.stage_max = STAGE_MAX
+        # The buffers of such sends, alive until the C helper took their records.
+        self._long_sends: list[Any] = []
         self._nev = 0  # events in the C array (set by Ring.enter)
         self._taken = 0  # of those, handed out by events()
         self._free: list[int] = []
@@ -1292,12 +1302,12 @@ class StreamPort(_port.CompletionPort):
             if supported.get(name)  # type: ignore[attr-defined]
         )
 
-    def _push(self, kind: int, slot: int, arg: int) -> None:
+    def _push(self, kind: int, slot: int, arg: int, length: int = 0) -> None:
         n = self._n
         if n == self._cap:
             self._grow()
         # Applied after the sends written before it (see _uring_streams.c).
-        _sop_pack(self._opsview, n * _SOP_SIZE, kind, slot, arg, len(self.sends) >> 1, 0)
+        _sop_pack(self._opsview, n * _SOP_SIZE, kind, slot, arg, len(self.sends) >> 1, length)
         self._n = n + 1
 
     def _grow(self) -> None:
@@ -1314,6 +1324,10 @@ class StreamPort(_port.CompletionPort):
             self._n = 0
             del self.sends[:]
             self.stage.clear()
+            if self._long_sends:
+                for cdata in self._long_sends:
+                    _ffi.release(cdata)
+                self._long_sends.clear()
             return
         # Rare (the event array filled up): keep the rest, in order.
         left = nsops - done
@@ -1360,6 +1374,14 @@ class StreamPort(_port.CompletionPort):
     def send(self, slot: int, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` (bytes, or a byte-format buffer) on ``slot``."""
         view = memoryview(data).cast("B")
+        if len(view) >= STAGE_MAX:
+            # The C helper reads the bytes at the next enter: keep them as they are now.
+            cdata = _ffi.from_buffer(data if type(data) is bytes else view.tobytes())
+            self._long_sends.append(cdata)
+            addr = int(_ffi.cast("uintptr_t", cdata))
+            for start in range(0, len(view), 0xFFFFFFFF):
+                self._push(_SOP_SEND, slot, addr + start, min(len(view) - start, 0xFFFFFFFF))
+            return
         sends = self.sends
         for start in range(0, max(len(view), 1), 0xFFFFFFFF):
             chunk = view[start : start + 0xFFFFFFFF]

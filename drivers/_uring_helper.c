@@ -744,6 +744,8 @@ static int enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_bu
         r->streams->data_len = 0;
         r->streams->epoch++;
     }
+    if (r->streams)
+        r->streams->call_ev = r->streams->nev; /* Python may have taken those */
     ret = ensure_enabled(r);
     if (ret < 0)
         return ret;

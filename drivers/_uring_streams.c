@@ -39,7 +39,8 @@ enum {
     IOMUX_SOP_OPEN = 1,    /* arg = fd of a connected socket (nothing armed yet) */
     IOMUX_SOP_READ = 2,    /* receive (again) */
     IOMUX_SOP_PAUSE = 3,   /* stop receiving */
-    IOMUX_SOP_SEND = 4,    /* (in the send pairs, not a record) */
+    IOMUX_SOP_SEND = 4,    /* arg = address of pad bytes to send, alive until this call
+                              returns (long writes; short ones are send pairs) */
     IOMUX_SOP_SHUT_WR = 5, /* shutdown(SHUT_WR) once everything is sent */
     IOMUX_SOP_CLOSE = 6,   /* arg = 0: once everything is sent (DRAINED), 1: now */
     IOMUX_SOP_NOTIFY = 7,  /* arg = a sent total: report SENT when it is reached */
@@ -143,6 +144,7 @@ struct iomux_streams {
     unsigned recycled;            /* buffers added since the last advance */
     struct iomux_sev *ev;         /* the event array, ev_cap entries (Python's memory) */
     unsigned ev_cap, nev;
+    unsigned call_ev;             /* events before this call's (maybe handed out already) */
     unsigned char *data;          /* the data area, data_cap bytes (Python's memory) */
     size_t data_cap, data_len;
     int guard;                    /* arm the guard poll on each connection */
@@ -547,6 +549,10 @@ static int stream_record(iomux_ring *r, const struct iomux_sop *op)
         if (!err && !(c->flags & CF_SEND))
             err = on_drained(r, c, op->slot);
         return err;
+    case IOMUX_SOP_SEND:
+        if (!(c->flags & CF_USED) || (c->flags & CF_LISTENER))
+            return 0;
+        return stream_send(r, c, op->slot, (const unsigned char *)(uintptr_t)op->arg, op->pad);
     case IOMUX_SOP_NOTIFY:
         if (!(c->flags & CF_USED))
             return 0;
@@ -682,8 +688,19 @@ static void stream_cqe(iomux_ring *r, const struct io_uring_cqe *cqe)
             unsigned bid = cqe->flags >> IORING_CQE_BUFFER_SHIFT;
 
             if (res > 0 && bid < s->nbufs && !(c->flags & CF_DYING)) {
+                struct iomux_sev *last = s->nev > s->call_ev ? &s->ev[s->nev - 1] : NULL;
+
                 memcpy(s->data + s->data_len, s->bufs + (size_t)bid * s->bufsize, (size_t)res);
-                emit(s, slot, IOMUX_SEV_DATA, res, (uint32_t)s->data_len);
+                /* The connection's previous event of this call is the receive
+                 * that ends where this one starts: extend it, so that Python
+                 * makes one data_received call for both (a bulk transfer's
+                 * completions come one buffer at a time).  Only this call's:
+                 * Python may have taken the earlier ones already. */
+                if (last && last->kind == IOMUX_SEV_DATA && last->slot == slot &&
+                    (size_t)last->off + (size_t)last->res == s->data_len)
+                    last->res += res;
+                else
+                    emit(s, slot, IOMUX_SEV_DATA, res, (uint32_t)s->data_len);
                 s->data_len += (size_t)res;
                 if (c->batch_epoch != s->epoch) {
                     c->batch_epoch = s->epoch;

@@ -93,10 +93,12 @@ class CompletionPort(ABC):
         """Stop receiving on ``slot`` (``DATA`` already on its way may still come)."""
 
     #: The fast path of :meth:`send`, for a caller that inlines it: the bytes of
-    #: each send appended to ``stage``, and ``slot`` then ``len(data)`` (at most
-    #: 2**32 - 1) to ``sends`` (an ``array("I")``), in that order.
+    #: each send shorter than ``stage_max`` appended to ``stage``, and ``slot``
+    #: then ``len(data)`` to ``sends`` (an ``array("I")``), in that order.
+    #: Longer sends go through :meth:`send`, which does not copy them twice.
     stage: bytearray
     sends: Any
+    stage_max: int
 
     @abstractmethod
     def send(self, slot: int, data: bytes | bytearray | memoryview) -> None:

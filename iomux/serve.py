@@ -52,6 +52,7 @@ BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: clo
 class EchoProtocol(asyncio.Protocol):
     """Echoes every byte; pauses reading while its writes are backed up."""
 
+    __slots__ = ("transport",)
     transport: asyncio.Transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -259,6 +259,7 @@ class CompletionStreamTransport(StreamTransport):
         "_slot",
         "_slot_closed",
         "_stage",
+        "_stage_max",
         "_written",
     )
     _sendfile_compatible = _SendfileMode.TRY_NATIVE
@@ -284,6 +285,7 @@ class CompletionStreamTransport(StreamTransport):
         # Set once writes cannot take the fast path (write_eof, lost, sendfile).
         self._blocked = False
         self._stage = port.stage
+        self._stage_max = port.stage_max
         self._sends = port.sends
         # Created when data is first held: an empty deque costs 600 bytes,
         # which idle connections should not pay.
@@ -452,7 +454,7 @@ class CompletionStreamTransport(StreamTransport):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` with the loop's next system call (after what was written before)."""
-        if type(data) is not bytes or self._blocked or not data or len(data) > 0xFFFFFFFF:
+        if type(data) is not bytes or self._blocked or not data or len(data) >= self._stage_max:
             self._write_slow(data)
             return
         # The port's fast path: the bytes go to its stage, (slot, length) to
@@ -521,6 +523,7 @@ class CompletionStreamTransport(StreamTransport):
             return
         self._eof = True
         self._blocked = True
+        self._keep_socket_info()
         self._port.shutdown_write(self._slot)
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
@@ -602,6 +605,7 @@ class CompletionStreamTransport(StreamTransport):
         self._closing = True
         self._reading = False
         self._held = None
+        self._keep_socket_info()  # before the port shuts the socket down
         if self._written == self._port.sent(self._slot):
             self._port.close(self._slot, abort=True)  # nothing left to send
             self._lost(None)
@@ -616,6 +620,7 @@ class CompletionStreamTransport(StreamTransport):
         self._closing = True
         self._reading = False
         self._held = None
+        self._keep_socket_info()
         if not self._slot_closed:
             self._port.close(self._slot, abort=True)
         self._lost(exc)
@@ -624,6 +629,7 @@ class CompletionStreamTransport(StreamTransport):
         # The protocol was told. The socket object is closed now, as asyncio's
         # transports close it, but its fd only once the port let go of it:
         # until then an operation may still run on that fd number.
+        self._keep_socket_info()
         if self._slot_closed:
             self._close_socket()
             return
@@ -730,12 +736,8 @@ class CompletionListener:
                 conn.close()  # accepted while the server was closing
                 return
             self.backoff.succeeded()
-            try:
-                # A multishot accept gives no address; accept() would have.
-                addr = conn.getpeername()
-            except OSError:
-                addr = None  # reset in the backlog: the first receive reports it
-            self._server.accepted(conn, addr)
+            # A multishot accept gives no address: the transport asks for it when wanted.
+            self._server.accepted(conn, None)
         elif kind == _ACCEPT_END:
             if self._closed:
                 return

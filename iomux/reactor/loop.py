@@ -196,9 +196,9 @@ class Reactor(ReadinessReactor):
         self._ensure_fd_no_transport(sock)
         transport: StreamTransport
         if self._completion is not None:
-            fd = sock.fileno()
             transport = self._completion.transport(sock, protocol, waiter, extra, server)
-            self._transports[fd] = transport  # add_reader refuses its fd, as asyncio's
+            # add_reader refuses its fd, as asyncio's
+            self._transports.add(transport.fileno(), transport)
         else:
             transport = self._make_readiness_transport(sock, protocol, waiter, extra, server)
         self._stream_made(transport)
@@ -206,7 +206,11 @@ class Reactor(ReadinessReactor):
 
     def _stream_made(self, transport: StreamTransport) -> None:
         super()._stream_made(transport)
-        transport.on_lost(self._stream_lost)
+        transport.on_lost(self._on_stream_lost)
+
+    def _stream_lost(self, transport: StreamTransport) -> None:
+        self._transports.discard(transport.fileno(), transport)
+        super()._stream_lost(transport)
 
     def _listen(self, server: Server, sock: socket.socket) -> Listener:
         if self._completion is not None:
@@ -277,7 +281,7 @@ class Reactor(ReadinessReactor):
         # Bytes write() accepted and never sent: when these sockets are
         # eventually closed, reset the connections rather than end them
         # cleanly, so that no peer takes a truncated stream for a whole one.
-        for transport in list(self._streams):
+        for transport in self._streams.values():
             if transport.get_write_buffer_size():
                 sock = transport.get_extra_info("socket")
                 try:

@@ -40,7 +40,7 @@ from .base import BaseReactor, aio_logger
 from .server import Listener, ProtocolFactory, Server
 from .shutdown import GracefulShutdown
 from .signals import SignalHandlers
-from .transport import StreamTransport, check_seconds
+from .transport import StreamTransport, WeakMap, check_seconds
 
 if TYPE_CHECKING:
     import ssl as ssl_module
@@ -124,7 +124,9 @@ class NetworkReactor(BaseReactor):
     def __init__(self) -> None:
         super().__init__()
         # Every stream transport alive, and the graceful shutdowns waiting for them.
-        self._streams: weakref.WeakSet[StreamTransport] = weakref.WeakSet()
+        self._streams: WeakMap[int, StreamTransport] = WeakMap()
+        # One bound method for every transport's on_lost, not one each.
+        self._on_stream_lost = self._stream_lost
         self._shutdowns: list[GracefulShutdown] = []
         self._all_servers: weakref.WeakSet[Server] = weakref.WeakSet()
         self._signals = SignalHandlers(self)
@@ -163,10 +165,15 @@ class NetworkReactor(BaseReactor):
 
     def _stream_made(self, transport: StreamTransport) -> None:
         """A stream transport was made: track it until its connection is lost."""
-        self._streams.add(transport)
+        self._streams.add(transport.fileno(), transport)
+
+    @property
+    def connections(self) -> frozenset[StreamTransport]:
+        """The stream transports (of every server and client) whose connection is not over."""
+        return frozenset(self._streams.values())
 
     def _stream_lost(self, transport: StreamTransport) -> None:
-        self._streams.discard(transport)
+        self._streams.discard(transport.fileno(), transport)
         for shutdown in list(self._shutdowns):
             shutdown.connection_closed()
 
@@ -559,7 +566,9 @@ class NetworkReactor(BaseReactor):
                 }
             )
             return
-        extra = {"peername": addr}
+        # The peer's address is asked of the socket when wanted (see
+        # StreamTransport.get_extra_info): an idle connection does not keep it.
+        extra = None
         if server.ssl:
             waiter = self.create_future()
             app, raw = self._make_ssl_transport(
@@ -1256,7 +1265,7 @@ class NetworkReactor(BaseReactor):
         connection is left.
         """
         servers = [server for server in self._all_servers if server.sockets]
-        shutdown = GracefulShutdown(self, servers, lambda: list(self._streams), grace, drain)
+        shutdown = GracefulShutdown(self, servers, self._streams.values, grace, drain)
         self._shutdowns.append(shutdown)
         shutdown.done.add_done_callback(lambda _: self._shutdowns.remove(shutdown))
         shutdown.start()

@@ -38,7 +38,6 @@ import os
 import socket
 import sys
 import warnings
-import weakref
 from asyncio import constants as aio_constants
 from asyncio import trsock
 from collections import deque
@@ -49,7 +48,7 @@ from iomux.multiplexer import Multiplexer, Trigger
 
 from .base import aio_logger
 from .network import NetworkReactor
-from .transport import FlowControlMixin, StreamTransport
+from .transport import FlowControlMixin, StreamTransport, WeakMap
 
 if TYPE_CHECKING:
     from .server import Server
@@ -140,7 +139,7 @@ class ReadinessReactor(NetworkReactor):
         self._edge = trigger is Trigger.EDGE
         self._watches: dict[int, _Watch] = {}
         #: fd -> the transport using it (add_reader refuses such fds, as asyncio).
-        self._transports: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+        self._transports: WeakMap[int, Any] = WeakMap()
 
     # -- waiting ------------------------------------------------------------------
 
@@ -653,7 +652,7 @@ class ReadinessStreamTransport(StreamTransport):
         self._started = False
         self._read_eof = False
         self._empty_waiter: asyncio.Future[None] | None = None
-        loop._transports[self._sock_fd] = self
+        loop._transports.add(self._sock_fd, self)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -881,6 +880,7 @@ class ReadinessStreamTransport(StreamTransport):
                 self._shutdown_write()
 
     def _shutdown_write(self) -> None:
+        self._keep_socket_info()  # names are gone once both ends shut down
         try:
             self._sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
         except OSError as exc:
@@ -892,6 +892,7 @@ class ReadinessStreamTransport(StreamTransport):
             return
         self._eof = True
         if not self._buffer:
+            self._keep_socket_info()
             self._sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
 
     def get_write_buffer_size(self) -> int:
@@ -945,8 +946,7 @@ class ReadinessStreamTransport(StreamTransport):
                 self._mux.unregister(self._sock_fd)
             except (KeyError, OSError):
                 pass
-        if self._io._transports.get(self._sock_fd) is self:
-            del self._io._transports[self._sock_fd]
+        self._io._transports.discard(self._sock_fd, self)
         super()._release()
 
     # -- sendfile -----------------------------------------------------------------------
@@ -969,14 +969,13 @@ class ReadinessStreamTransport(StreamTransport):
         if registered:
             self._mux.unregister(self._sock_fd)
             self._reg = 0
-        if io_._transports.get(self._sock_fd) is self:
-            del io_._transports[self._sock_fd]
+        io_._transports.discard(self._sock_fd, self)
         self._empty_waiter = self._loop.create_future()  # write() refuses meanwhile
         try:
             return await io_._sock_sendfile_native(sock, file, offset, count)
         finally:
             self._empty_waiter = None
-            io_._transports[self._sock_fd] = self
+            io_._transports.add(self._sock_fd, self)
             if self._edge and registered and self._sock is not None:
                 self._mux.register(self._sock_fd, _BOTH, self._on_event, trigger=Trigger.EDGE)
                 self._reg = _BOTH
@@ -1031,7 +1030,7 @@ class DatagramTransport(FlowControlMixin, asyncio.DatagramTransport):
         self._buffer_size = 0
         self._closing = False
         self._conn_lost = 0
-        loop._transports[self._sock_fd] = self
+        loop._transports.add(self._sock_fd, self)
         loop.call_soon(protocol.connection_made, self)
         loop.call_soon(self._start_reading)
         if waiter is not None:
@@ -1188,8 +1187,7 @@ class DatagramTransport(FlowControlMixin, asyncio.DatagramTransport):
             self._protocol.connection_lost(exc)
         finally:
             sock, self._sock = self._sock, None
-            if self._io._transports.get(self._sock_fd) is self:
-                del self._io._transports[self._sock_fd]
+            self._io._transports.discard(self._sock_fd, self)
             if sock is not None:
                 sock.close()
 

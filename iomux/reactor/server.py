@@ -20,12 +20,11 @@ import os
 import socket
 import stat
 import sys
-import weakref
 from asyncio import trsock
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .transport import check_seconds
+from .transport import WeakMap, check_seconds
 
 if TYPE_CHECKING:
     from .shutdown import GracefulShutdown
@@ -90,7 +89,7 @@ class Server(asyncio.AbstractServer):
         self._listeners: list[Listener] = []
         # Weak, as asyncio's: a transport nobody holds must still be able
         # to warn that it was never closed.
-        self._clients: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._clients: WeakMap[int, Any] = WeakMap()
         self._active = 0
         self._waiters: list[asyncio.Future[None]] | None = []
         self._serving = False
@@ -114,12 +113,12 @@ class Server(asyncio.AbstractServer):
 
     def attach(self, transport: Any) -> None:
         """A transport of a connection this server accepted was made (called by it)."""
-        self._clients.add(transport)
+        self._clients.add(transport.fileno(), transport)
         self._active += 1
 
     def detach(self, transport: Any) -> None:
         """That transport's connection is over (called by it)."""
-        self._clients.discard(transport)
+        self._clients.discard(transport.fileno(), transport)
         self._active -= 1
         if self._active == 0 and self._sockets is None:
             self._wake_waiters()
@@ -226,12 +225,12 @@ class Server(asyncio.AbstractServer):
 
     def close_clients(self) -> None:
         """Close every connection this server accepted (their buffers are flushed)."""
-        for transport in list(self._clients):
+        for transport in self._clients.values():
             transport.close()
 
     def abort_clients(self) -> None:
         """Abort every connection this server accepted."""
-        for transport in list(self._clients):
+        for transport in self._clients.values():
             transport.abort()
 
     def _wake_waiters(self) -> None:
@@ -256,7 +255,7 @@ class Server(asyncio.AbstractServer):
     @property
     def connections(self) -> frozenset[Any]:
         """The transports of the connections open now."""
-        return frozenset(self._clients)
+        return frozenset(self._clients.values())
 
     def port(self) -> int:
         """The port of the first TCP socket (handy after binding port 0)."""

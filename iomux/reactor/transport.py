@@ -41,9 +41,10 @@ import contextvars
 import socket
 import struct
 import warnings
+import weakref
 from asyncio import trsock
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .base import aio_logger
 from .errors import DeadlineExceeded, IdleTimeout
@@ -53,8 +54,14 @@ if TYPE_CHECKING:
 
 #: Default write-buffer high-water mark, as in asyncio.
 HIGH_WATER = 64 * 1024
+_LOW_WATER = HIGH_WATER // 4
 #: Writes after the connection was lost are dropped; from this many on, each logs.
 LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
+#: The extra info a stream transport finds on its socket.
+_SOCKET_INFO = ("socket", "sockname", "peername")
+# The extra info of a transport made without any, shared until the first
+# lookup of a socket name gives the transport a dict of its own.
+_NO_EXTRA: dict[str, Any] = {}
 # SO_LINGER on, 0 s: close() resets the connection instead of ending it cleanly.
 LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -71,6 +78,55 @@ def check_seconds(name: str, value: float | None) -> float | None:
     return seconds
 
 
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+
+
+class WeakMap(Generic[_K, _V]):
+    """key -> object, without keeping the object alive.
+
+    What the loop and its servers keep per connection (the transport of an
+    fd, the set of live streams, a server's clients). Each entry is the
+    object's plain ``weakref.ref``, which CPython shares among everyone who
+    asks for one, so the maps of one transport cost one reference object
+    between them (a ``WeakSet`` or ``WeakValueDictionary`` makes one per
+    map, with a callback). Entries of collected objects read as absent and
+    are swept as the map grows.
+    """
+
+    __slots__ = ("_refs", "_sweep_at")
+
+    def __init__(self) -> None:
+        self._refs: dict[_K, weakref.ReferenceType[Any]] = {}
+        self._sweep_at = 64
+
+    def add(self, key: _K, obj: _V) -> None:
+        """Map ``key`` to ``obj`` (replacing what it mapped to)."""
+        refs = self._refs
+        refs[key] = weakref.ref(obj)
+        if len(refs) >= self._sweep_at:
+            for dead in [k for k, ref in refs.items() if ref() is None]:
+                del refs[dead]
+            self._sweep_at = max(64, 2 * len(refs))
+
+    def get(self, key: _K) -> _V | None:
+        """The object ``key`` maps to, or None."""
+        ref = self._refs.get(key)
+        return None if ref is None else ref()
+
+    def discard(self, key: _K, obj: _V) -> None:
+        """Forget ``key`` if it maps to ``obj`` (or to a collected object)."""
+        ref = self._refs.get(key)
+        if ref is not None:
+            target = ref()
+            if target is None or target is obj:
+                del self._refs[key]
+
+    def values(self) -> list[_V]:
+        """The objects alive now."""
+        return [obj for ref in list(self._refs.values()) if (obj := ref()) is not None]
+
+
 class FlowControlMixin(asyncio.Transport):
     """Write flow control: ``pause_writing``/``resume_writing`` around two water marks."""
 
@@ -83,7 +139,7 @@ class FlowControlMixin(asyncio.Transport):
         self._protocol: Any = None
         self._protocol_paused = False
         self._high_water = HIGH_WATER
-        self._low_water = HIGH_WATER // 4
+        self._low_water = _LOW_WATER
 
     def _maybe_pause_protocol(self) -> None:
         if self._protocol_paused or self.get_write_buffer_size() <= self._high_water:
@@ -237,18 +293,9 @@ class StreamTransport(FlowControlMixin):
         extra: dict[str, Any] | None = None,
         server: Server | None = None,
     ) -> None:
-        super().__init__(extra, loop)
-        info = self._extra
-        info["socket"] = trsock.TransportSocket(sock)
-        try:
-            info["sockname"] = sock.getsockname()
-        except OSError:
-            info["sockname"] = None
-        if "peername" not in info:
-            try:
-                info["peername"] = sock.getpeername()
-            except OSError:
-                info["peername"] = None
+        super().__init__(extra or _NO_EXTRA, loop)
+        # "socket", "sockname" and "peername" are looked up when first asked
+        # for (see get_extra_info), not kept for every connection.
         self._sock: socket.socket | None = sock
         self._sock_fd = sock.fileno()
         self._context = contextvars.copy_context()
@@ -265,6 +312,53 @@ class StreamTransport(FlowControlMixin):
         self._opened = self._last_io = loop.time()
         if server is not None:
             server.attach(self)
+
+    def fileno(self) -> int:
+        """The fd number of this transport's socket (kept after the socket closed).
+
+        The loop and its servers key their maps of connections by it.
+        """
+        return self._sock_fd
+
+    # -- extra info -------------------------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """asyncio's extra info: ``socket``, ``sockname``, ``peername``, and what was given.
+
+        The socket's names are asked of the kernel the first time they are
+        wanted (and, if nobody asked, kept when the socket is closed), as
+        uvloop does, so that an idle connection does not carry them.
+        """
+        info = self._extra
+        if name in info:
+            return info[name]
+        if name not in _SOCKET_INFO or self._sock is None:
+            return default
+        return self._socket_info(info, name)
+
+    def _socket_info(self, info: dict[str, Any], name: str) -> Any:
+        sock = self._sock
+        assert sock is not None
+        if info is _NO_EXTRA:
+            info = self._extra = {}
+        value: Any
+        if name == "socket":
+            value = trsock.TransportSocket(sock)
+        else:
+            try:
+                value = sock.getsockname() if name == "sockname" else sock.getpeername()
+            except OSError:
+                value = None
+        info[name] = value
+        return value
+
+    def _keep_socket_info(self) -> None:
+        """The socket is about to close: keep the names nobody asked for yet."""
+        if self._sock is None:
+            return
+        for name in _SOCKET_INFO:
+            if name not in self._extra:
+                self._socket_info(self._extra, name)
 
     # -- the protocol -----------------------------------------------------------
 
@@ -408,6 +502,7 @@ class StreamTransport(FlowControlMixin):
 
     def _release(self) -> None:
         """The protocol was told: close the socket (subclasses may defer it)."""
+        self._keep_socket_info()
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()

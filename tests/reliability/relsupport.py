@@ -188,7 +188,7 @@ def serve(args: argparse.Namespace) -> int:
             "rss_kib": rss_kib(),
             "objects": len(gc.get_objects()),
             "registrations": len(mux),
-            "transports": len(reactor._streams),
+            "transports": len(reactor.connections),
             "connections": len(server.connections),
             "refused_out_of_range": server.refused_out_of_range,
             "lost_by": dict(lost_by),

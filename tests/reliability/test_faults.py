@@ -225,7 +225,7 @@ def test_peer_killed_mid_write(reactor: Reactor, driver: type[Multiplexer]) -> N
             reactor.run_once(0.005)
         pending = rec.transport.get_write_buffer_size()
         assert pending > 0, "the server's write should still be in progress"
-        assert len(reactor._streams) == 1
+        assert len(reactor.connections) == 1
         proc.kill()  # the peer vanishes with unread data: its kernel resets
         run_until(reactor, lambda: rec.lost.done())
     finally:
@@ -234,7 +234,7 @@ def test_peer_killed_mid_write(reactor: Reactor, driver: type[Multiplexer]) -> N
     assert isinstance(rec.lost_exc, ConnectionError), rec.lost_exc
     assert errors == [], errors  # a peer going away is not the server's error
     assert len(reactor.multiplexer) == base
-    assert not server.connections and not reactor._streams
+    assert not server.connections and not reactor.connections
     # The fd goes too: at once (readiness), or once the completion port reported
     # that no operation of the connection is left in the kernel (an iteration on).
     run_until(reactor, lambda: not fd_open(fd), timeout=2.0)
