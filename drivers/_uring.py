@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import array
 import errno
+import functools
 import importlib
 import io
 import mmap
@@ -62,6 +63,7 @@ __all__ = [
     "COMPLETION_TAG",
     "CQE",
     "CQE_SIZE",
+    "FEATURES",
     "F_BUFFER",
     "F_MORE",
     "F_SOCK_NONEMPTY",
@@ -96,6 +98,7 @@ __all__ = [
     "Ring",
     "RingSetupError",
     "describe",
+    "disabled_features",
     "probe",
     "versions",
 ]
@@ -249,6 +252,25 @@ _PROBED_OPS = (
 )
 
 _FORCE_ENV = "IOMUX_URING_FORCE_FAIL"
+#: Ring features not to use even where the kernel has them, comma-separated
+#: (to run a suite on the fallback): see FEATURES.
+_DISABLE_ENV = "IOMUX_URING_DISABLE"
+#: What IOMUX_URING_DISABLE can name.
+FEATURES = ("incremental_buffers",)
+
+
+def disabled_features() -> frozenset[str]:
+    """The ring features IOMUX_URING_DISABLE turns off (an unknown name is an error)."""
+    names = frozenset(n.strip() for n in os.environ.get(_DISABLE_ENV, "").split(",") if n.strip())
+    unknown = names - set(FEATURES)
+    if unknown:
+        raise ValueError(
+            f"{_DISABLE_ENV}={os.environ[_DISABLE_ENV]!r}: unknown feature(s) "
+            f"{', '.join(sorted(unknown))}; known: {', '.join(FEATURES)}"
+        )
+    return names
+
+
 _FORCE_VALUES = ("ENOSYS", "EPERM", "disabled", "nobuild", "flags")
 _SYSCTL = "/proc/sys/kernel/io_uring_disabled"
 _SYSCTL_GROUP = "/proc/sys/kernel/io_uring_group"
@@ -361,6 +383,7 @@ def versions() -> dict[str, str]:
 def probe() -> str | None:
     """Return None when io_uring works here, else the reason it does not, for a user."""
     try:
+        disabled_features()
         ring = Ring(entries=4, cq_entries=8)
     except RingSetupError as exc:
         return exc.reason
@@ -385,6 +408,9 @@ def describe() -> dict[str, object]:
     if reason is None:
         with Ring() as ring:  # default sizes: what a driver would get
             out.update(ring.info())
+            port = ring.stream_port()
+            # The optional features the loop's stream connections use here.
+            out["stream_features"] = ["incremental_buffers"] if port.incremental else []
     return out
 
 
@@ -1219,6 +1245,19 @@ def _check_event_kinds() -> None:
 _check_event_kinds()
 
 
+#: StreamPort's provided buffers (count, bytes each) when receives consume
+#: them incrementally, and when each receive takes a whole one: 2 MiB either way.
+INCREMENTAL_BUFFERS = (32, 64 * 1024)
+WHOLE_BUFFERS = (512, 4096)
+
+
+@functools.cache
+def _kernel_has_incremental_buffers() -> bool:
+    """Whether this kernel registers a buffer ring with IOU_PBUF_RING_INC (6.12+)."""
+    with Ring(entries=4, cq_entries=8) as ring:
+        return ring.stream_port(buffers=2, buffer_size=64, incremental=True).incremental
+
+
 class StreamPort(_port.CompletionPort):
     """The ring's :class:`iomux.completion.CompletionPort` (see ``_uring_streams.c``).
 
@@ -1227,8 +1266,12 @@ class StreamPort(_port.CompletionPort):
     one stage buffer; receives pick ``buffers`` provided buffers of
     ``buffer_size`` bytes, whose bytes the helper copies into a data area of
     ``data_size`` bytes (at most that much is received per enter) and gives
-    back at once. ``guard`` arms a poll per connection that restarts a
-    receive that missed the peer's end (a kernel race).
+    back at once. ``incremental`` (default: unless IOMUX_URING_DISABLE names
+    ``incremental_buffers``) asks the kernel to let receives take only what
+    they need of a buffer; by default the buffers are then
+    :data:`INCREMENTAL_BUFFERS`, else :data:`WHOLE_BUFFERS`. ``guard`` arms
+    a poll per connection that restarts a receive that missed the peer's
+    end (a kernel race).
     """
 
     GROUP_ID = 0x1F1
@@ -1237,13 +1280,24 @@ class StreamPort(_port.CompletionPort):
         self,
         ring: Ring,
         *,
-        buffers: int = 512,
-        buffer_size: int = 4096,
+        buffers: int | None = None,
+        buffer_size: int | None = None,
         events: int = 4096,
         data_size: int = 1 << 20,
         guard: bool = True,
+        incremental: bool | None = None,
         submitter: Callable[[], None] | None = None,
     ) -> None:
+        if incremental is None:
+            incremental = "incremental_buffers" not in disabled_features()
+        if buffers is None and buffer_size is None:
+            # Big buffers only where receives take part of one (else each
+            # small message would use up 64 KiB): measured in bench/README.md.
+            incremental = incremental and _kernel_has_incremental_buffers()
+            buffers, buffer_size = INCREMENTAL_BUFFERS if incremental else WHOLE_BUFFERS
+        else:
+            buffers = WHOLE_BUFFERS[0] if buffers is None else buffers
+            buffer_size = WHOLE_BUFFERS[1] if buffer_size is None else buffer_size
         self._ring = ring
         self._submitter = submitter
         self._ev = _ffi.new("char[]", events * SEV.size)
@@ -1262,10 +1316,14 @@ class StreamPort(_port.CompletionPort):
             self._data,
             data_size,
             1 if guard else 0,
+            1 if incremental else 0,
             err,
         )
         if handle == _ffi.NULL:
             raise OSError(err[0], f"setting up stream connections: {os.strerror(err[0])}")
+        #: Whether receives take only what they need of a provided buffer
+        #: (IOU_PBUF_RING_INC, kernel 6.12+): asked for and granted.
+        self.incremental = bool(_lib.iomux_streams_incremental(ring._r))
         self._cap = 256
         self._ops = _ffi.new("char[]", self._cap * SOP.size)
         self._opsview = memoryview(_ffi.buffer(self._ops))

@@ -22,6 +22,17 @@
 
 /* user_data of a stream operation: IOMUX_UD_STREAM | kind << 40 | slot. */
 #define IOMUX_UD_STREAM (1ULL << 60)
+
+/* Incremental consumption of provided buffers (kernel 6.12): a receive takes
+ * only the bytes it needs from the buffer at the ring's head, which stays
+ * there (IORING_CQE_F_BUF_MORE) until it is full, so small messages share a
+ * buffer instead of taking one each.  liburing 2.3 knows neither name. */
+#ifndef IOU_PBUF_RING_INC
+#define IOU_PBUF_RING_INC 2
+#endif
+#ifndef IORING_CQE_F_BUF_MORE
+#define IORING_CQE_F_BUF_MORE (1U << 4)
+#endif
 enum { SK_RECV = 1, SK_SEND = 2, SK_GUARD = 3, SK_CANCEL = 4, SK_ACCEPT = 5 };
 
 /* One record from Python (24 bytes).  Sends come apart, as (slot, length)
@@ -142,6 +153,7 @@ struct iomux_streams {
     unsigned char *bufs;          /* nbufs * bufsize bytes */
     unsigned nbufs, bufsize, bmask, bgid;
     unsigned recycled;            /* buffers added since the last advance */
+    uint32_t *boff;               /* incremental buffers: bytes of each taken so far (else NULL) */
     struct iomux_sev *ev;         /* the event array, ev_cap entries (Python's memory) */
     unsigned ev_cap, nev;
     unsigned call_ev;             /* events before this call's (maybe handed out already) */
@@ -686,11 +698,24 @@ static void stream_cqe(iomux_ring *r, const struct io_uring_cqe *cqe)
     case SK_RECV:
         if (cqe->flags & IORING_CQE_F_BUFFER) {
             unsigned bid = cqe->flags >> IORING_CQE_BUFFER_SHIFT;
+            uint32_t at = 0; /* where this receive's bytes start in the buffer */
+            int kept = 0;    /* the buffer stays the kernel's (incremental) */
 
+            if (s->boff && bid < s->nbufs) {
+                at = s->boff[bid];
+                /* A receive of nothing took nothing, whatever the flags say
+                 * (kernels before the fix for liburing#1553 report the
+                 * buffer as used up). */
+                kept = res <= 0 || (cqe->flags & IORING_CQE_F_BUF_MORE);
+                if (res > 0 && (size_t)at + (size_t)res > s->bufsize)
+                    res = (int)(s->bufsize - at); /* cannot happen: never read past it */
+                s->boff[bid] = kept ? at + (uint32_t)(res > 0 ? res : 0) : 0;
+            }
             if (res > 0 && bid < s->nbufs && !(c->flags & CF_DYING)) {
                 struct iomux_sev *last = s->nev > s->call_ev ? &s->ev[s->nev - 1] : NULL;
 
-                memcpy(s->data + s->data_len, s->bufs + (size_t)bid * s->bufsize, (size_t)res);
+                memcpy(s->data + s->data_len, s->bufs + (size_t)bid * s->bufsize + at,
+                       (size_t)res);
                 /* The connection's previous event of this call is the receive
                  * that ends where this one starts: extend it, so that Python
                  * makes one data_received call for both (a bulk transfer's
@@ -708,7 +733,7 @@ static void stream_cqe(iomux_ring *r, const struct io_uring_cqe *cqe)
                 }
                 c->batch += (uint32_t)res;
             }
-            if (bid < s->nbufs)
+            if (bid < s->nbufs && !kept)
                 recycle(s, bid);
         }
         if (more)
@@ -820,9 +845,11 @@ static void stream_cqe(iomux_ring *r, const struct io_uring_cqe *cqe)
 
 static iomux_streams *iomux_streams_new(iomux_ring *r, unsigned nbufs, unsigned bufsize,
                                         unsigned bgid, void *events, unsigned ev_cap,
-                                        void *data, size_t data_cap, int guard, int *err)
+                                        void *data, size_t data_cap, int guard, int incremental,
+                                        int *err)
 {
     struct io_uring_buf_reg reg;
+    uint16_t reg_flags = incremental ? IOU_PBUF_RING_INC : 0;
     long page = sysconf(_SC_PAGESIZE);
     iomux_streams *s;
     unsigned i;
@@ -857,7 +884,22 @@ static iomux_streams *iomux_streams_new(iomux_ring *r, unsigned nbufs, unsigned 
     reg.ring_addr = (uint64_t)(uintptr_t)s->br;
     reg.ring_entries = nbufs;
     reg.bgid = (uint16_t)bgid;
+    /* The 16 bits after bgid are the flags (liburing 2.3 calls them "pad"). */
+    memcpy((char *)&reg.bgid + sizeof reg.bgid, &reg_flags, sizeof reg_flags);
     ret = io_uring_register_buf_ring(&r->ring, &reg, 0);
+    if (ret == -EINVAL && reg_flags) {
+        /* A kernel before 6.12: whole buffers, one per receive. */
+        reg_flags = 0;
+        memcpy((char *)&reg.bgid + sizeof reg.bgid, &reg_flags, sizeof reg_flags);
+        ret = io_uring_register_buf_ring(&r->ring, &reg, 0);
+    }
+    if (ret == 0 && reg_flags) {
+        s->boff = calloc(nbufs, sizeof *s->boff);
+        if (!s->boff) {
+            io_uring_unregister_buf_ring(&r->ring, (int)bgid);
+            ret = -ENOMEM;
+        }
+    }
     if (ret < 0) {
         munmap(s->br, s->br_bytes);
         free(s->bufs);
@@ -884,6 +926,9 @@ static iomux_streams *iomux_streams_new(iomux_ring *r, unsigned nbufs, unsigned 
     return s;
 }
 
+/* Whether receives consume the provided buffers incrementally. */
+static int iomux_streams_incremental(iomux_ring *r) { return r->streams && r->streams->boff; }
+
 /* The total bytes of slot the kernel confirmed sending. */
 static uint64_t iomux_stream_sent(iomux_ring *r, uint32_t slot)
 {
@@ -907,6 +952,7 @@ static void streams_free(iomux_ring *r, int ring_alive)
         free_buffers(&s->conns[i]);
     free(s->conns);
     free(s->dirty);
+    free(s->boff);
     munmap(s->br, s->br_bytes);
     free(s->bufs);
     free(s);

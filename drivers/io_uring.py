@@ -97,9 +97,9 @@ class IoUringDriver(PollMasks, Multiplexer):
 
     @classmethod
     def details(cls) -> dict[str, Any]:
-        """Kernel and liburing versions, and the setup flags the kernel accepted."""
+        """Kernel and liburing versions, the setup flags the kernel accepted, stream features."""
         info = _uring.describe()
-        keep = ("kernel", "liburing", "setup_flags", "features")
+        keep = ("kernel", "liburing", "setup_flags", "features", "stream_features")
         return {k: info[k] for k in keep if k in info}
 
     def __init__(self, entries: int = 256, cq_entries: int = 4096, capacity: int = 1024) -> None:

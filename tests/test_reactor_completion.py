@@ -8,6 +8,7 @@ import asyncio
 import errno
 import fcntl
 import os
+import platform
 import random
 import re
 import signal
@@ -328,6 +329,58 @@ def test_port_joins_a_connections_receives_of_one_call() -> None:
     sizes, _ = _receive_burst(512, 4096, 1 << 20)
     assert max(sizes) > 4096, sizes
     assert max(sizes) <= 64 * 1024  # at most 64 KiB per connection per call
+
+
+def test_port_uses_incremental_buffers_where_the_kernel_has_them() -> None:
+    """Kernel 6.12+ consumes provided buffers incrementally; iomux asks for it unless
+    IOMUX_URING_DISABLE names it, and says so (``iomux info`` lists it too)."""
+    major, minor = (int(part) for part in platform.release().split(".")[:2])
+    port = Port()
+    try:
+        if "incremental_buffers" in U.disabled_features():
+            assert not port.port.incremental
+        elif (major, minor) >= (6, 12):
+            assert port.port.incremental, "kernel 6.12+ should grant IOU_PBUF_RING_INC"
+    finally:
+        port.close()
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["incremental", "whole-buffers"])
+def test_port_small_messages_of_many_connections_share_few_buffers(incremental: bool) -> None:
+    """Sixteen peers send 200 messages of 1-300 bytes each, all at once, into four
+    2 KiB buffers: with incremental buffers the connections' receives share a buffer
+    at moving offsets; either way every connection gets its bytes whole and in order."""
+    port = Port(buffers=4, buffer_size=2048, incremental=incremental)
+    pairs = [pair() for _ in range(16)]
+    try:
+        if not incremental:
+            assert not port.port.incremental
+        slots = [port.port.open(a.fileno()) for a, _ in pairs]
+        for s in slots:
+            port.port.read(s)
+        port.poll(0)
+        rnd = random.Random(21)
+        messages = [[rnd.randbytes(rnd.randint(1, 300)) for _ in range(200)] for _ in pairs]
+
+        def send() -> None:
+            for i in range(200):
+                for (_, b), msgs in zip(pairs, messages, strict=True):
+                    b.sendall(msgs[i])
+            for _, b in pairs:
+                b.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        port.until(lambda: all(C.EOF in port.kinds(s) for s in slots))
+        sender.join(TIMEOUT)
+        for s, msgs in zip(slots, messages, strict=True):
+            assert port.data(s) == b"".join(msgs)
+            assert C.ERROR not in port.kinds(s)
+    finally:
+        port.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
 
 
 def test_port_long_and_short_sends_keep_their_order(port: Port) -> None:
