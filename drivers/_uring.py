@@ -1254,8 +1254,11 @@ WHOLE_BUFFERS = (512, 4096)
 @functools.cache
 def _kernel_has_incremental_buffers() -> bool:
     """Whether this kernel registers a buffer ring with IOU_PBUF_RING_INC (6.12+)."""
-    with Ring(entries=4, cq_entries=8) as ring:
-        return ring.stream_port(buffers=2, buffer_size=64, incremental=True).incremental
+    try:
+        with Ring(entries=4, cq_entries=8) as ring:
+            return ring.stream_port(buffers=2, buffer_size=64, incremental=True).incremental
+    except OSError:  # RingSetupError included
+        return False  # the caller's own ring will say what is wrong, if anything
 
 
 class StreamPort(_port.CompletionPort):
