@@ -131,7 +131,7 @@ _pack_into = RECORD.pack_into
 CQE = struct.Struct("=QiI")
 CQE_SIZE = CQE.size
 
-#: One stream record (24 bytes): kind, slot, argument, sends before it, padding.
+#: One stream record (24 bytes): kind, slot, argument, sends before it, length (SEND).
 #: See ``_uring_streams.c``.
 SOP = struct.Struct("=IIQII")
 #: One stream event (16 bytes): slot, kind, result, offset.
@@ -1393,8 +1393,8 @@ class StreamPort(_port.CompletionPort):
         # Rare (the event array filled up): keep the rest, in order.
         left = nsops - done
         records = [SOP.unpack_from(self._opsview, (done + i) * _SOP_SIZE) for i in range(left)]
-        for i, (kind, slot, arg, before, pad) in enumerate(records):
-            _sop_pack(self._opsview, i * _SOP_SIZE, kind, slot, arg, before - sends_done, pad)
+        for i, (kind, slot, arg, before, length) in enumerate(records):
+            _sop_pack(self._opsview, i * _SOP_SIZE, kind, slot, arg, before - sends_done, length)
         self._n = left
         del self.sends[: 2 * sends_done]
         del self.stage[:stage_used]

@@ -44,13 +44,13 @@ struct iomux_sop {
     uint32_t slot;
     uint64_t arg;
     uint32_t sends_before;
-    uint32_t pad;
+    uint32_t len; /* SEND: bytes at arg (else 0) */
 };
 enum {
     IOMUX_SOP_OPEN = 1,    /* arg = fd of a connected socket (nothing armed yet) */
     IOMUX_SOP_READ = 2,    /* receive (again) */
     IOMUX_SOP_PAUSE = 3,   /* stop receiving */
-    IOMUX_SOP_SEND = 4,    /* arg = address of pad bytes to send, alive until this call
+    IOMUX_SOP_SEND = 4,    /* arg = address of len bytes to send, alive until this call
                               returns (long writes; short ones are send pairs) */
     IOMUX_SOP_SHUT_WR = 5, /* shutdown(SHUT_WR) once everything is sent */
     IOMUX_SOP_CLOSE = 6,   /* arg = 0: once everything is sent (DRAINED), 1: now */
@@ -564,7 +564,7 @@ static int stream_record(iomux_ring *r, const struct iomux_sop *op)
     case IOMUX_SOP_SEND:
         if (!(c->flags & CF_USED) || (c->flags & CF_LISTENER))
             return 0;
-        return stream_send(r, c, op->slot, (const unsigned char *)(uintptr_t)op->arg, op->pad);
+        return stream_send(r, c, op->slot, (const unsigned char *)(uintptr_t)op->arg, op->len);
     case IOMUX_SOP_NOTIFY:
         if (!(c->flags & CF_USED))
             return 0;
@@ -707,8 +707,6 @@ static void stream_cqe(iomux_ring *r, const struct io_uring_cqe *cqe)
                  * (kernels before the fix for liburing#1553 report the
                  * buffer as used up). */
                 kept = res <= 0 || (cqe->flags & IORING_CQE_F_BUF_MORE);
-                if (res > 0 && (size_t)at + (size_t)res > s->bufsize)
-                    res = (int)(s->bufsize - at); /* cannot happen: never read past it */
                 s->boff[bid] = kept ? at + (uint32_t)(res > 0 ? res : 0) : 0;
             }
             if (res > 0 && bid < s->nbufs && !(c->flags & CF_DYING)) {

@@ -334,11 +334,12 @@ class StreamTransport(FlowControlMixin):
             return info[name]
         if name not in _SOCKET_INFO or self._sock is None:
             return default
-        return self._socket_info(info, name)
+        return self._socket_info(name)
 
-    def _socket_info(self, info: dict[str, Any], name: str) -> Any:
+    def _socket_info(self, name: str) -> Any:
         sock = self._sock
         assert sock is not None
+        info = self._extra
         if info is _NO_EXTRA:
             info = self._extra = {}
         value: Any
@@ -358,7 +359,7 @@ class StreamTransport(FlowControlMixin):
             return
         for name in _SOCKET_INFO:
             if name not in self._extra:
-                self._socket_info(self._extra, name)
+                self._socket_info(name)
 
     # -- the protocol -----------------------------------------------------------
 
