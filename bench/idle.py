@@ -35,7 +35,7 @@ from .servers import Server, ServerSpec, free_port, server_specs
 
 #: Connections one holder process keeps open (below the per-process fd limit).
 PER_HOLDER = 15000
-TARGET_BYTES = 1024
+TARGET_BYTES = 1000
 KEYS = (
     "rss_base",
     "rss_idle",
@@ -162,7 +162,7 @@ def render(
     verdicts = []
     for name in names:
         value = cells[name].get("bytes_per_conn")
-        if name.startswith("iomux-") and value is not None:
+        if name.startswith(("iomux-", "aio-iomux-")) and value is not None:
             verdicts.append(
                 f"{name} {fmt(value)} B ({'met' if value <= TARGET_BYTES else 'NOT met'})"
             )

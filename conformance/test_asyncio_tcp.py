@@ -847,6 +847,74 @@ def test_extra_info_and_transport_state(aio_loop: Loop) -> None:
     run(aio_loop, main())
 
 
+class _Tagging(asyncio.Protocol):
+    """Answers each message with a tag naming which data_received ran."""
+
+    tag = b"class:"
+    transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(self.tag + data)
+
+
+class _InstanceMethod(_Tagging):
+    def __init__(self) -> None:
+        self.data_received = lambda data: self.transport.write(b"instance:" + data)  # type: ignore[method-assign]
+
+
+_STATIC_TRANSPORTS: list[Any] = []
+
+
+class _StaticMethod(_Tagging):
+    def connection_made(self, transport: Any) -> None:
+        _STATIC_TRANSPORTS.append(transport)
+
+    @staticmethod
+    def data_received(data: bytes) -> None:
+        _STATIC_TRANSPORTS[-1].write(b"static:" + data)
+
+
+class _Intercepting(_Tagging):
+    def __getattribute__(self, name: str) -> Any:
+        if name == "data_received":
+            transport = object.__getattribute__(self, "transport")
+            return lambda data: transport.write(b"intercepted:" + data)
+        return object.__getattribute__(self, name)
+
+
+class _Subclass(_Tagging):
+    tag = b"subclass:"
+
+
+@pytest.mark.parametrize(
+    ("protocol", "tag"),
+    [
+        (_Tagging, b"class:"),
+        (_Subclass, b"subclass:"),
+        (_InstanceMethod, b"instance:"),
+        (_StaticMethod, b"static:"),
+        (_Intercepting, b"intercepted:"),
+    ],
+)
+def test_data_received_is_looked_up_as_python_does(
+    aio_loop: Loop, protocol: type[asyncio.Protocol], tag: bytes
+) -> None:
+    # A loop may call a class's method in a cheaper way than a bound method,
+    # but whatever ``protocol.data_received`` names is what must run.
+    async def main() -> None:
+        server = await aio_loop.create_server(protocol, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        writer.write(b"ping")
+        assert await reader.readexactly(len(tag) + 4) == tag + b"ping"
+        writer.close()
+        await close_server(server)
+
+    run(aio_loop, main())
+
+
 def test_set_protocol_and_get_protocol(aio_loop: Loop) -> None:
     async def main() -> None:
         server, _, address = await echo_server(aio_loop)

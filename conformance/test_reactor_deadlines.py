@@ -78,6 +78,26 @@ def test_activity_postpones_idle_timeout(reactor: Reactor) -> None:
     assert bytes(recs[0].received) == b"tick" * 6
 
 
+def test_idle_timeout_set_late_counts_from_the_last_io(reactor: Reactor) -> None:
+    # A connection with no limit at first: its traffic before the timeout
+    # was set must not count as idleness (the clock starts at the last byte
+    # or at set_idle_timeout, never at the connection's opening).
+    recs, port = _serve(reactor)
+    client = _connect(reactor, port)
+    run_until(reactor, lambda: recs, TIMEOUT)
+    for _ in range(5):  # 0.5 s of traffic, longer than the timeout set below
+        client.transport.write(b"tick")
+        wait(reactor, asyncio.sleep(0.1), TIMEOUT)
+    run_until(reactor, lambda: recs[0].received == b"tick" * 5, TIMEOUT)
+    start = time.monotonic()
+    recs[0].transport.set_idle_timeout(0.3)
+    wait(reactor, asyncio.sleep(0.15), TIMEOUT)
+    assert not recs[0].lost.done(), "closed at once: the idle clock started at the opening"
+    exc = wait(reactor, recs[0].lost, TIMEOUT)
+    assert isinstance(exc, IdleTimeout)
+    assert 0.3 <= time.monotonic() - start < 1.5
+
+
 def test_server_lifetime_closes_busy_connection(reactor: Reactor) -> None:
     recs, port = _serve(reactor, lifetime=0.3)
     client = _connect(reactor, port)

@@ -119,8 +119,13 @@ _Static_assert(sizeof(struct iomux_sev) == 16 && offsetof(struct iomux_sev, kind
 #define GUARD_EVENTS (POLLRDHUP | POLLERR | POLLHUP)
 /* The default backlog above which BACKLOG is reported (asyncio's high-water mark). */
 #define DEFAULT_LIMIT 65536
-/* A send buffer larger than this is freed when it drains, not kept. */
+/* A connection gives its send buffers back when everything is sent, so an
+ * idle one holds none: those of up to KEEP_BUFFER bytes go to the ring's
+ * pool (at most POOL_MAX of them, POOL_BYTES in all), which the next
+ * connection to send takes from; the rest are freed. */
 #define KEEP_BUFFER 16384
+#define POOL_MAX 1024
+#define POOL_BYTES (1U << 20)
 /* Bytes one connection receives into one batch of events, at most (a
  * completion that would pass it waits for the next batch): no connection
  * takes a whole iteration, and a protocol that writes what it reads learns
@@ -163,6 +168,9 @@ struct iomux_streams {
     uint32_t *dirty;              /* slots written to in this call */
     unsigned ndirty, dirtycap;
     uint32_t epoch;               /* counts batches of events (see batch) */
+    struct pooled { char *buf; size_t cap; } *pool; /* send buffers nobody holds */
+    unsigned npool;
+    size_t pool_bytes;
 };
 
 static struct iomux_conn *conn_at(struct iomux_streams *s, uint32_t slot)
@@ -317,6 +325,46 @@ static int grow(char **buf, size_t *cap, size_t need)
     return 0;
 }
 
+/* Keep a drained send buffer for the next sender, or free it. */
+static void pool_put(struct iomux_streams *s, char *buf, size_t cap)
+{
+    if (!buf)
+        return;
+    if (cap <= KEEP_BUFFER && s->npool < POOL_MAX && s->pool_bytes + cap <= POOL_BYTES) {
+        if (!s->pool)
+            s->pool = malloc(POOL_MAX * sizeof *s->pool);
+        if (s->pool) {
+            s->pool[s->npool].buf = buf;
+            s->pool[s->npool].cap = cap;
+            s->npool++;
+            s->pool_bytes += cap;
+            return;
+        }
+    }
+    free(buf);
+}
+
+/* A send buffer of at least need bytes, from the pool if *buf is none yet. */
+static int pool_take(struct iomux_streams *s, char **buf, size_t *cap, size_t need)
+{
+    if (!*buf && s->npool) {
+        s->npool--;
+        *buf = s->pool[s->npool].buf;
+        *cap = s->pool[s->npool].cap;
+        s->pool_bytes -= *cap;
+    }
+    return grow(buf, cap, need);
+}
+
+static void pool_free(struct iomux_streams *s)
+{
+    while (s->npool)
+        free(s->pool[--s->npool].buf);
+    free(s->pool);
+    s->pool = NULL;
+    s->pool_bytes = 0;
+}
+
 static void free_buffers(struct iomux_conn *c)
 {
     free(c->ibuf);
@@ -356,16 +404,10 @@ static int on_drained(iomux_ring *r, struct iomux_conn *c, uint32_t slot)
 {
     struct iomux_streams *s = r->streams;
 
-    if (c->icap > KEEP_BUFFER) {
-        free(c->ibuf);
-        c->ibuf = NULL;
-        c->icap = 0;
-    }
-    if (c->pcap > KEEP_BUFFER) {
-        free(c->pbuf);
-        c->pbuf = NULL;
-        c->pcap = 0;
-    }
+    pool_put(s, c->ibuf, c->icap);
+    pool_put(s, c->pbuf, c->pcap);
+    c->ibuf = c->pbuf = NULL;
+    c->icap = c->pcap = 0;
     if (c->flags & CF_SHUT_WR) {
         c->flags &= ~CF_SHUT_WR;
         if (shutdown(c->fd, SHUT_WR) < 0 && errno != ENOTCONN)
@@ -457,7 +499,7 @@ static int stream_send(iomux_ring *r, struct iomux_conn *c, uint32_t slot,
         return 0; /* dropped: the connection is going */
     mark_dirty(r->streams, c, slot);
     if (c->flags & CF_SEND) {
-        err = grow(&c->pbuf, &c->pcap, c->plen + n);
+        err = pool_take(r->streams, &c->pbuf, &c->pcap, c->plen + n);
         if (err) {
             c->flags |= CF_WRITE_FAILED;
             return err;
@@ -473,7 +515,7 @@ static int stream_send(iomux_ring *r, struct iomux_conn *c, uint32_t slot,
         }
         return 0;
     }
-    err = grow(&c->ibuf, &c->icap, n);
+    err = pool_take(r->streams, &c->ibuf, &c->icap, n);
     if (err) {
         c->flags |= CF_WRITE_FAILED;
         return err;
@@ -948,6 +990,7 @@ static void streams_free(iomux_ring *r, int ring_alive)
         io_uring_unregister_buf_ring(&r->ring, (int)s->bgid);
     for (i = 0; i < s->nconns; i++)
         free_buffers(&s->conns[i]);
+    pool_free(s);
     free(s->conns);
     free(s->dirty);
     free(s->boff);

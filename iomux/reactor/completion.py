@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
+import inspect
 import os
 import socket
+import types
 import warnings
 import weakref
 from collections import deque
@@ -56,6 +59,44 @@ HARD_BACKLOG = 4 * 1024 * 1024
 #: the port delivers to one connection per iteration at most).
 HELD_PER_ITERATION = 64 * 1024
 _SendfileMode = asyncio.constants._SendfileMode
+
+
+@functools.lru_cache(maxsize=256)
+def _class_data_received(cls: Any) -> Callable[[Any, bytes], object] | None:
+    """``cls.data_received`` if calling it as ``f(protocol, data)`` is the method call."""
+    if cls.__getattribute__ is not object.__getattribute__:
+        return None
+    raw = inspect.getattr_static(cls, "data_received", None)
+    if isinstance(raw, (types.FunctionType, types.MethodDescriptorType)):
+        return raw
+    return None
+
+
+def _looked_up(protocol: Any, data: bytes) -> object:
+    return protocol.data_received(data)
+
+
+def _data_received_of(protocol: Any) -> Callable[[Any, bytes], object]:
+    """``protocol.data_received`` as a function of ``(protocol, data)``.
+
+    Usually the class's own function, shared by every connection, rather
+    than a bound method kept per connection (64 bytes each). A protocol
+    whose instance has its own ``data_received``, or whose class computes
+    its attributes, has it looked up at each call.
+    """
+    cls: Any = type(protocol)
+    func: Callable[[Any, bytes], object] | None = _class_data_received(cls)
+    if func is None:
+        return _looked_up
+    shared: Callable[[Any, bytes], object] = func
+    # Asking for the method, not for __dict__: reading an instance's
+    # __dict__ makes CPython 3.11+ build one (64 bytes) for good.
+    method: object = getattr(protocol, "data_received", None)
+    bound_to: object = getattr(method, "__self__", None)
+    method_func: object = getattr(method, "__func__", None)
+    if method_func is not shared or bound_to is not protocol:
+        return _looked_up
+    return shared
 
 
 def _error(res: int) -> OSError:
@@ -168,12 +209,14 @@ class CompletionIO:
                 continue
             try:
                 if kind == _DATA and owner._reading:
-                    if owner._deadlines is not None:
-                        owner._last_io = loop.time()
+                    if (deadlines := owner._deadlines) is not None:
+                        deadlines.last_io = loop.time()
                     if owner._buffered:
                         owner._feed_buffered(data[off : off + res])
                     else:
-                        owner._context.run(owner._data_received, data[off : off + res])
+                        owner._context.run(
+                            owner._data_received, owner._protocol, data[off : off + res]
+                        )
                 elif kind == _DATA:
                     owner._hold(data[off : off + res])
                 else:
@@ -308,7 +351,7 @@ class CompletionStreamTransport(StreamTransport):
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         """Hand the connection to another protocol."""
         super().set_protocol(protocol)
-        self._data_received = getattr(protocol, "data_received", None)
+        self._data_received = _data_received_of(protocol)
 
     def _start_reading(self) -> None:
         if not self._closing and not self._paused and self._held_end is None:
@@ -376,7 +419,7 @@ class CompletionStreamTransport(StreamTransport):
                 self._feed_buffered(data)
                 continue
             try:
-                self._context.run(self._data_received, data)
+                self._context.run(self._data_received, self._protocol, data)
             except (SystemExit, KeyboardInterrupt):
                 raise
             except BaseException as exc:
@@ -465,8 +508,8 @@ class CompletionStreamTransport(StreamTransport):
         sends.append(self._slot)
         sends.append(n)
         written = self._written = self._written + n
-        if self._deadlines is not None:
-            self._last_io = self._loop.time()
+        if (deadlines := self._deadlines) is not None:
+            deadlines.last_io = self._loop.time()
         if written - self._acked > self._pause_above and not self._protocol_paused:
             self._check_pause()
 
@@ -479,8 +522,8 @@ class CompletionStreamTransport(StreamTransport):
         data = data if isinstance(data, bytes) else bytes(memoryview(data).cast("B"))
         self._port.send(self._slot, data)
         self._written += len(data)
-        if self._deadlines is not None:
-            self._last_io = self._loop.time()
+        if (deadlines := self._deadlines) is not None:
+            deadlines.last_io = self._loop.time()
         if self._written - self._acked > self._pause_above and not self._protocol_paused:
             self._check_pause()
 

@@ -197,20 +197,10 @@ class Reactor(ReadinessReactor):
         transport: StreamTransport
         if self._completion is not None:
             transport = self._completion.transport(sock, protocol, waiter, extra, server)
-            # add_reader refuses its fd, as asyncio's
-            self._transports.add(transport.fileno(), transport)
         else:
             transport = self._make_readiness_transport(sock, protocol, waiter, extra, server)
         self._stream_made(transport)
         return transport
-
-    def _stream_made(self, transport: StreamTransport) -> None:
-        super()._stream_made(transport)
-        transport.on_lost(self._on_stream_lost)
-
-    def _stream_lost(self, transport: StreamTransport) -> None:
-        self._transports.discard(transport.fileno(), transport)
-        super()._stream_lost(transport)
 
     def _listen(self, server: Server, sock: socket.socket) -> Listener:
         if self._completion is not None:
@@ -281,7 +271,7 @@ class Reactor(ReadinessReactor):
         # Bytes write() accepted and never sent: when these sockets are
         # eventually closed, reset the connections rather than end them
         # cleanly, so that no peer takes a truncated stream for a whole one.
-        for transport in self._streams.values():
+        for transport in self._streams():
             if transport.get_write_buffer_size():
                 sock = transport.get_extra_info("socket")
                 try:

@@ -32,7 +32,7 @@ import sys
 import weakref
 from asyncio import constants as aio_constants
 from asyncio import sslproto
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import pipes, subprocess
@@ -123,8 +123,11 @@ class NetworkReactor(BaseReactor):
 
     def __init__(self) -> None:
         super().__init__()
-        # Every stream transport alive, and the graceful shutdowns waiting for them.
-        self._streams: WeakMap[int, StreamTransport] = WeakMap()
+        #: fd -> the transport using it: every stream transport until its
+        #: connection is lost, and every datagram transport until it closes.
+        #: add_reader and friends refuse these fds, as asyncio's do.
+        self._transports: WeakMap[int, Any] = WeakMap()
+        # The graceful shutdowns waiting for the stream transports.
         # One bound method for every transport's on_lost, not one each.
         self._on_stream_lost = self._stream_lost
         self._shutdowns: list[GracefulShutdown] = []
@@ -165,15 +168,28 @@ class NetworkReactor(BaseReactor):
 
     def _stream_made(self, transport: StreamTransport) -> None:
         """A stream transport was made: track it until its connection is lost."""
-        self._streams.add(transport.fileno(), transport)
+        self._transports.add(transport.fileno(), transport)
+        transport.on_lost(self._on_stream_lost)
 
     @property
     def connections(self) -> frozenset[StreamTransport]:
         """The stream transports (of every server and client) whose connection is not over."""
-        return frozenset(self._streams.values())
+        return frozenset(self._streams())
+
+    def _streams(self) -> Iterator[StreamTransport]:
+        """The stream transports alive, one at a time (it stops as soon as the caller does)."""
+        for transport in self._transports:
+            if isinstance(transport, StreamTransport):
+                yield transport
+
+    def _clients_of(self, server: Server) -> Iterator[StreamTransport]:
+        """The stream transports of the connections ``server`` accepted."""
+        for transport in self._streams():
+            if transport.server is server:
+                yield transport
 
     def _stream_lost(self, transport: StreamTransport) -> None:
-        self._streams.discard(transport.fileno(), transport)
+        self._transports.discard(transport.fileno(), transport)
         for shutdown in list(self._shutdowns):
             shutdown.connection_closed()
 
@@ -623,6 +639,7 @@ class NetworkReactor(BaseReactor):
             protocol_factory,
             listen=self._listen,
             accept=self._accept_connection,
+            clients=self._clients_of,
             backlog=backlog,
             ssl=ssl,
             ssl_handshake_timeout=ssl_handshake_timeout,
@@ -1265,7 +1282,7 @@ class NetworkReactor(BaseReactor):
         connection is left.
         """
         servers = [server for server in self._all_servers if server.sockets]
-        shutdown = GracefulShutdown(self, servers, self._streams.values, grace, drain)
+        shutdown = GracefulShutdown(self, servers, self._streams, grace, drain)
         self._shutdowns.append(shutdown)
         shutdown.done.add_done_callback(lambda _: self._shutdowns.remove(shutdown))
         shutdown.start()

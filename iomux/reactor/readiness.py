@@ -48,7 +48,7 @@ from iomux.multiplexer import Multiplexer, Trigger
 
 from .base import aio_logger
 from .network import NetworkReactor
-from .transport import FlowControlMixin, StreamTransport, WeakMap
+from .transport import FlowControlMixin, StreamTransport
 
 if TYPE_CHECKING:
     from .server import Server
@@ -138,8 +138,8 @@ class ReadinessReactor(NetworkReactor):
             )
         self._edge = trigger is Trigger.EDGE
         self._watches: dict[int, _Watch] = {}
-        #: fd -> the transport using it (add_reader refuses such fds, as asyncio).
-        self._transports: WeakMap[int, Any] = WeakMap()
+        # fds a transport lends to the sock_* methods meanwhile (sendfile).
+        self._lent_fds: set[int] = set()
 
     # -- waiting ------------------------------------------------------------------
 
@@ -162,7 +162,7 @@ class ReadinessReactor(NetworkReactor):
     def _ensure_fd_no_transport(self, fd: Any) -> None:
         fileno = _fileno(fd)
         transport = self._transports.get(fileno)
-        if transport is not None and not transport.is_closing():
+        if transport is not None and not transport.is_closing() and fileno not in self._lent_fds:
             raise RuntimeError(f"File descriptor {fd!r} is used by transport {transport!r}")
 
     def add_reader(self, fd: Any, callback: Callable[..., object], *args: Any) -> None:  # type: ignore[override]
@@ -652,7 +652,6 @@ class ReadinessStreamTransport(StreamTransport):
         self._started = False
         self._read_eof = False
         self._empty_waiter: asyncio.Future[None] | None = None
-        loop._transports.add(self._sock_fd, self)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -721,8 +720,8 @@ class ReadinessStreamTransport(StreamTransport):
         if not data:
             self._on_eof()
             return False
-        if self._deadlines is not None:
-            self._last_io = self._loop.time()
+        if (deadlines := self._deadlines) is not None:
+            deadlines.last_io = self._loop.time()
         try:
             self._context.run(self._protocol.data_received, data)
         except (SystemExit, KeyboardInterrupt):
@@ -757,8 +756,8 @@ class ReadinessStreamTransport(StreamTransport):
         if not n:
             self._on_eof()
             return False
-        if self._deadlines is not None:
-            self._last_io = self._loop.time()
+        if (deadlines := self._deadlines) is not None:
+            deadlines.last_io = self._loop.time()
         try:
             context.run(protocol.buffer_updated, n)
         except (SystemExit, KeyboardInterrupt):
@@ -814,8 +813,8 @@ class ReadinessStreamTransport(StreamTransport):
             self._fatal_error(exc, "Fatal write error on socket transport")
             return
         if n:
-            if self._deadlines is not None:
-                self._last_io = self._loop.time()
+            if (deadlines := self._deadlines) is not None:
+                deadlines.last_io = self._loop.time()
             if n == len(data):
                 return
         self._buffer += memoryview(data)[n:]
@@ -837,8 +836,8 @@ class ReadinessStreamTransport(StreamTransport):
             except BaseException as exc:
                 self._fatal_error(exc, "Fatal write error on socket transport")
                 return
-            if n and self._deadlines is not None:
-                self._last_io = self._loop.time()
+            if n and (deadlines := self._deadlines) is not None:
+                deadlines.last_io = self._loop.time()
             view = memoryview(data).cast("B")[n:]
             if not view:
                 return
@@ -867,8 +866,8 @@ class ReadinessStreamTransport(StreamTransport):
             return
         if n:
             del buffer[:n]
-            if self._deadlines is not None:
-                self._last_io = self._loop.time()
+            if (deadlines := self._deadlines) is not None:
+                deadlines.last_io = self._loop.time()
         self._maybe_resume_protocol()  # may write more
         if not buffer:
             self._update()
@@ -946,7 +945,6 @@ class ReadinessStreamTransport(StreamTransport):
                 self._mux.unregister(self._sock_fd)
             except (KeyError, OSError):
                 pass
-        self._io._transports.discard(self._sock_fd, self)
         super()._release()
 
     # -- sendfile -----------------------------------------------------------------------
@@ -969,13 +967,13 @@ class ReadinessStreamTransport(StreamTransport):
         if registered:
             self._mux.unregister(self._sock_fd)
             self._reg = 0
-        io_._transports.discard(self._sock_fd, self)
+        io_._lent_fds.add(self._sock_fd)
         self._empty_waiter = self._loop.create_future()  # write() refuses meanwhile
         try:
             return await io_._sock_sendfile_native(sock, file, offset, count)
         finally:
             self._empty_waiter = None
-            io_._transports.add(self._sock_fd, self)
+            io_._lent_fds.discard(self._sock_fd)
             if self._edge and registered and self._sock is not None:
                 self._mux.register(self._sock_fd, _BOTH, self._on_event, trigger=Trigger.EDGE)
                 self._reg = _BOTH

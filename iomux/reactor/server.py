@@ -8,8 +8,10 @@ connections, and a graceful :meth:`Server.shutdown`.
 
 How it accepts is not its business: the loop gives it a *listen* function
 that makes a listener (readiness or io_uring completion) for one socket,
-and an *accept* function that turns an accepted socket into a transport;
-listeners hand each new connection to :meth:`Server.accepted`.
+an *accept* function that turns an accepted socket into a transport, and
+a *clients* function that lists the transports of the connections a server
+accepted (the loop tracks every connection); listeners hand each new
+connection to :meth:`Server.accepted`.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import socket
 import stat
 import sys
 from asyncio import trsock
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .transport import WeakMap, check_seconds
+from .transport import check_seconds
 
 if TYPE_CHECKING:
     from .shutdown import GracefulShutdown
@@ -66,6 +68,7 @@ class Server(asyncio.AbstractServer):
         *,
         listen: Callable[[Server, socket.socket], Listener],
         accept: Callable[[Server, socket.socket, Any], None],
+        clients: Callable[[Server], Iterable[Any]],
         backlog: int = 100,
         ssl: Any = None,
         ssl_handshake_timeout: float | None = None,
@@ -85,11 +88,12 @@ class Server(asyncio.AbstractServer):
         self.lifetime = check_seconds("lifetime", lifetime)
         self._listen = listen
         self._accept = accept
+        # The loop keeps the connections (weakly, as asyncio's servers: a
+        # transport nobody holds must still be able to warn that it was
+        # never closed); the server counts its own.
+        self._clients = clients
         self._backlog = backlog
         self._listeners: list[Listener] = []
-        # Weak, as asyncio's: a transport nobody holds must still be able
-        # to warn that it was never closed.
-        self._clients: WeakMap[int, Any] = WeakMap()
         self._active = 0
         self._waiters: list[asyncio.Future[None]] | None = []
         self._serving = False
@@ -113,12 +117,10 @@ class Server(asyncio.AbstractServer):
 
     def attach(self, transport: Any) -> None:
         """A transport of a connection this server accepted was made (called by it)."""
-        self._clients.add(transport.fileno(), transport)
         self._active += 1
 
     def detach(self, transport: Any) -> None:
         """That transport's connection is over (called by it)."""
-        self._clients.discard(transport.fileno(), transport)
         self._active -= 1
         if self._active == 0 and self._sockets is None:
             self._wake_waiters()
@@ -225,12 +227,12 @@ class Server(asyncio.AbstractServer):
 
     def close_clients(self) -> None:
         """Close every connection this server accepted (their buffers are flushed)."""
-        for transport in self._clients.values():
+        for transport in list(self._clients(self)):
             transport.close()
 
     def abort_clients(self) -> None:
         """Abort every connection this server accepted."""
-        for transport in self._clients.values():
+        for transport in list(self._clients(self)):
             transport.abort()
 
     def _wake_waiters(self) -> None:
@@ -255,7 +257,7 @@ class Server(asyncio.AbstractServer):
     @property
     def connections(self) -> frozenset[Any]:
         """The transports of the connections open now."""
-        return frozenset(self._clients.values())
+        return frozenset(self._clients(self))
 
     def port(self) -> int:
         """The port of the first TCP socket (handy after binding port 0)."""

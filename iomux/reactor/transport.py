@@ -43,7 +43,7 @@ import struct
 import warnings
 import weakref
 from asyncio import trsock
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .base import aio_logger
@@ -85,12 +85,10 @@ _V = TypeVar("_V")
 class WeakMap(Generic[_K, _V]):
     """key -> object, without keeping the object alive.
 
-    What the loop and its servers keep per connection (the transport of an
-    fd, the set of live streams, a server's clients). Each entry is the
-    object's plain ``weakref.ref``, which CPython shares among everyone who
-    asks for one, so the maps of one transport cost one reference object
-    between them (a ``WeakSet`` or ``WeakValueDictionary`` makes one per
-    map, with a callback). Entries of collected objects read as absent and
+    What the loop keeps per connection (the transport of each fd). Each
+    entry is the object's plain ``weakref.ref``, which CPython shares among
+    everyone who asks for one (a ``WeakValueDictionary`` makes one of its
+    own, with a callback). Entries of collected objects read as absent and
     are swept as the map grows.
     """
 
@@ -125,6 +123,13 @@ class WeakMap(Generic[_K, _V]):
     def values(self) -> list[_V]:
         """The objects alive now."""
         return [obj for ref in list(self._refs.values()) if (obj := ref()) is not None]
+
+    def __iter__(self) -> Iterator[_V]:
+        """The objects alive, one at a time, from a snapshot of the map."""
+        for ref in list(self._refs.values()):
+            obj = ref()
+            if obj is not None:
+                yield obj
 
 
 class FlowControlMixin(asyncio.Transport):
@@ -200,10 +205,13 @@ class FlowControlMixin(asyncio.Transport):
 class Deadlines:
     """The idle timeout and absolute deadline of one stream transport."""
 
-    __slots__ = ("_timer", "_transport", "deadline", "idle")
+    __slots__ = ("_timer", "_transport", "deadline", "idle", "last_io")
 
     def __init__(self, transport: StreamTransport) -> None:
         self._transport = transport
+        #: When a byte was last received or sent, on the loop's clock. The
+        #: transport tracks it only while it has limits: it starts now.
+        self.last_io = transport._loop.time()
         #: Close after this many seconds without a byte received or sent.
         self.idle: float | None = None
         #: Close at this time on the loop's clock (``loop.time()``).
@@ -218,7 +226,7 @@ class Deadlines:
         transport = self._transport
         due = self.deadline
         if self.idle is not None:
-            idle_due = transport._last_io + self.idle
+            idle_due = self.last_io + self.idle
             due = idle_due if due is None else min(due, idle_due)
         if due is not None and not transport._closing:
             self._timer = transport._loop.call_at(due, self._fire)
@@ -243,7 +251,7 @@ class Deadlines:
                     lived,
                 )
             )
-        elif self.idle is not None and now >= transport._last_io + self.idle:
+        elif self.idle is not None and now >= self.last_io + self.idle:
             transport.abort_with(
                 IdleTimeout(
                     f"connection closed: no byte received or sent for {self.idle:g} s "
@@ -271,7 +279,6 @@ class StreamTransport(FlowControlMixin):
         "_context",
         "_deadlines",
         "_eof",
-        "_last_io",
         "_on_lost",
         "_opened",
         "_paused",
@@ -309,16 +316,21 @@ class StreamTransport(FlowControlMixin):
         self._eof = False
         self._conn_lost = 0
         self._deadlines: Deadlines | None = None
-        self._opened = self._last_io = loop.time()
+        self._opened = loop.time()
         if server is not None:
             server.attach(self)
 
     def fileno(self) -> int:
         """The fd number of this transport's socket (kept after the socket closed).
 
-        The loop and its servers key their maps of connections by it.
+        The loop keys its map of connections by it.
         """
         return self._sock_fd
+
+    @property
+    def server(self) -> Server | None:
+        """The server that accepted this connection (None for a client's, or once it is over)."""
+        return self._server
 
     # -- extra info -------------------------------------------------------------
 
