@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
-import inspect
 import os
 import socket
-import types
 import warnings
 import weakref
 from collections import deque
@@ -61,17 +58,6 @@ HELD_PER_ITERATION = 64 * 1024
 _SendfileMode = asyncio.constants._SendfileMode
 
 
-@functools.lru_cache(maxsize=256)
-def _class_data_received(cls: Any) -> Callable[[Any, bytes], object] | None:
-    """``cls.data_received`` if calling it as ``f(protocol, data)`` is the method call."""
-    if cls.__getattribute__ is not object.__getattribute__:
-        return None
-    raw = inspect.getattr_static(cls, "data_received", None)
-    if isinstance(raw, (types.FunctionType, types.MethodDescriptorType)):
-        return raw
-    return None
-
-
 def _looked_up(protocol: Any, data: bytes) -> object:
     return protocol.data_received(data)
 
@@ -79,24 +65,16 @@ def _looked_up(protocol: Any, data: bytes) -> object:
 def _data_received_of(protocol: Any) -> Callable[[Any, bytes], object]:
     """``protocol.data_received`` as a function of ``(protocol, data)``.
 
-    Usually the class's own function, shared by every connection, rather
-    than a bound method kept per connection (64 bytes each). A protocol
-    whose instance has its own ``data_received``, or whose class computes
-    its attributes, has it looked up at each call.
+    Where it is a method bound to the protocol (the usual case), its
+    function: shared by every connection of the class, where a bound method
+    kept per connection costs 64 bytes. Anything else (a function the
+    instance holds, a static method, a C method) is looked up at each call.
     """
-    cls: Any = type(protocol)
-    func: Callable[[Any, bytes], object] | None = _class_data_received(cls)
-    if func is None:
+    method = getattr(protocol, "data_received", None)
+    func = getattr(method, "__func__", None)
+    if func is None or getattr(method, "__self__", None) is not protocol:
         return _looked_up
-    shared: Callable[[Any, bytes], object] = func
-    # Asking for the method, not for __dict__: reading an instance's
-    # __dict__ makes CPython 3.11+ build one (64 bytes) for good.
-    method: object = getattr(protocol, "data_received", None)
-    bound_to: object = getattr(method, "__self__", None)
-    method_func: object = getattr(method, "__func__", None)
-    if method_func is not shared or bound_to is not protocol:
-        return _looked_up
-    return shared
+    return func  # type: ignore[no-any-return]
 
 
 def _error(res: int) -> OSError:

@@ -127,9 +127,9 @@ class NetworkReactor(BaseReactor):
         #: connection is lost, and every datagram transport until it closes.
         #: add_reader and friends refuse these fds, as asyncio's do.
         self._transports: WeakMap[int, Any] = WeakMap()
-        # The graceful shutdowns waiting for the stream transports.
         # One bound method for every transport's on_lost, not one each.
         self._on_stream_lost = self._stream_lost
+        # The graceful shutdowns waiting for the stream transports.
         self._shutdowns: list[GracefulShutdown] = []
         self._all_servers: weakref.WeakSet[Server] = weakref.WeakSet()
         self._signals = SignalHandlers(self)

@@ -120,10 +120,6 @@ class WeakMap(Generic[_K, _V]):
             if target is None or target is obj:
                 del self._refs[key]
 
-    def values(self) -> list[_V]:
-        """The objects alive now."""
-        return [obj for ref in list(self._refs.values()) if (obj := ref()) is not None]
-
     def __iter__(self) -> Iterator[_V]:
         """The objects alive, one at a time, from a snapshot of the map."""
         for ref in list(self._refs.values()):
