@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import signal
 import socket
 import time
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -117,6 +119,32 @@ def test_shutdown_aborts_after_drain_time(reactor: Reactor) -> None:
         while raw.recv(1 << 20):
             pass
     raw.close()
+
+
+class _Abandoning(asyncio.Protocol):
+    """Pauses reading and keeps no reference to its transport."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()  # type: ignore[attr-defined]
+
+
+def test_shutdown_ends_past_a_transport_collected_unclosed(reactor: Reactor) -> None:
+    """A connection whose transport nobody holds nor closed (asyncio collects such a
+    transport, with a ResourceWarning) never tells the shutdown it ended: the shutdown
+    still completes by the end of the drain time, as every other connection is over."""
+    recs, port = _echo_server(reactor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        wait(reactor, reactor.create_connection(_Abandoning, "127.0.0.1", port), TIMEOUT)
+        run_until(reactor, lambda: recs and recs[0].made.done(), TIMEOUT)
+        gc.collect()
+        start = time.monotonic()
+        done = reactor.shutdown(grace=0.1, drain=0.2)
+        wait(reactor, done, TIMEOUT)
+        gc.collect()
+    assert time.monotonic() - start < 3.0
+    assert reactor.connections == frozenset()
+    wait(reactor, recs[0].lost, TIMEOUT)
 
 
 def test_sigterm_handler_shuts_down_and_stops(reactor: Reactor) -> None:

@@ -255,8 +255,10 @@ _FORCE_ENV = "IOMUX_URING_FORCE_FAIL"
 #: Ring features not to use even where the kernel has them, comma-separated
 #: (to run a suite on the fallback): see FEATURES.
 _DISABLE_ENV = "IOMUX_URING_DISABLE"
-#: What IOMUX_URING_DISABLE can name.
-FEATURES = ("incremental_buffers",)
+#: What IOMUX_URING_DISABLE can name: ``registered_ring`` (the loop's thread
+#: enters its ring by an index registered with the kernel, Linux 5.18+,
+#: instead of by fd) and ``incremental_buffers`` (see :class:`StreamPort`).
+FEATURES = ("registered_ring", "incremental_buffers")
 
 
 def disabled_features() -> frozenset[str]:
@@ -409,6 +411,10 @@ def describe() -> dict[str, object]:
         with Ring() as ring:  # default sizes: what a driver would get
             out.update(ring.info())
             port = ring.stream_port()
+            ring.nop(1)
+            ring.enter(1, 1_000_000_000)  # the first enter binds (and registers) the ring
+            # The optional features every ring of this thread uses here.
+            out["ring_features"] = ["registered_ring"] if ring.registered_fd else []
             # The optional features the loop's stream connections use here.
             out["stream_features"] = ["incremental_buffers"] if port.incremental else []
     return out
@@ -496,6 +502,7 @@ class Ring:
 
         lib, ffi = _lib, _ffi
         self._lib = lib
+        register_fd = int("registered_ring" not in disabled_features())
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         errp = ffi.new("int *")
         #: (flag names, errno name or "ok") for each setup attempt, in order.
@@ -505,7 +512,7 @@ class Ring:
             if forced == "flags" and flags & ~plain:
                 self.setup_attempts.append((_flag_names(flags), "EINVAL (forced)"))
                 continue
-            r = lib.iomux_ring_new(entries, cq_entries, flags, self._wake_fd, errp)
+            r = lib.iomux_ring_new(entries, cq_entries, flags, register_fd, self._wake_fd, errp)
             if r != ffi.NULL:
                 self.setup_attempts.append((_flag_names(flags), "ok"))
                 break
@@ -571,6 +578,16 @@ class Ring:
         if not self._usable:
             raise self._unusable()
         return int(self._lib.iomux_ring_fd(self._r))
+
+    @property
+    def registered_fd(self) -> bool:
+        """Whether the ring is entered by a registered index rather than by its fd.
+
+        The thread that first enters a single-issuer ring registers it
+        (Linux 5.18+; not if ``IOMUX_URING_DISABLE`` names
+        ``registered_ring``), saving the kernel a file lookup per system call.
+        """
+        return self._r is not None and bool(self._lib.iomux_ring_registered(self._r))
 
     @property
     def pending(self) -> int:
@@ -1485,6 +1502,11 @@ class StreamPort(_port.CompletionPort):
     def free(self, slot: int) -> None:
         """A CLOSED slot is no longer used by the caller: it may be given out again."""
         self._free.append(slot)
+
+    @property
+    def slots_in_use(self) -> int:
+        """How many slots :meth:`open` and :meth:`listen` gave out that were not freed."""
+        return self._next_slot - len(self._free)
 
     def events(self) -> tuple[Iterable[tuple[int, int, int, int]], Any]:
         """The events since the last call, and the data area (valid until the next poll)."""

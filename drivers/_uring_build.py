@@ -149,11 +149,12 @@ static const int IORING_OP_LAST;
 
 const char *iomux_liburing_version(void);
 iomux_ring *iomux_ring_new(unsigned entries, unsigned cq_entries, unsigned flags,
-                           int wake_fd, int *err);
+                           int register_fd, int wake_fd, int *err);
 unsigned iomux_ring_features(const iomux_ring *r);
 unsigned iomux_ring_sq_entries(const iomux_ring *r);
 unsigned iomux_ring_cq_entries(const iomux_ring *r);
 int iomux_ring_fd(const iomux_ring *r);
+int iomux_ring_registered(const iomux_ring *r);
 int iomux_ring_probe(iomux_ring *r, unsigned char *supported, unsigned n);
 int iomux_enter(iomux_ring *r, const void *ops, unsigned nops, void *out, unsigned cap,
                 unsigned min_complete, int64_t timeout_ns, unsigned flags,

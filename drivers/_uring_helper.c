@@ -11,6 +11,7 @@
  * liburing itself (which does not set errno).
  */
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -165,6 +166,8 @@ typedef struct iomux_ring {
     int wake_fd;          /* eventfd polled for wake-ups from any thread */
     int wake_armed;       /* a multishot poll on wake_fd is queued or live */
     int enabled;          /* 0 while IORING_SETUP_R_DISABLED still holds */
+    int want_registered;  /* register the ring fd when the ring is enabled */
+    uint64_t reg_thread;  /* this_thread() of the registering thread (0: none) */
 } iomux_ring;
 
 typedef struct iomux_bufs {
@@ -193,8 +196,34 @@ static int64_t now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* A registered ring fd (IORING_REGISTER_RING_FDS, Linux 5.18) lets
+ * io_uring_enter() skip looking the fd up.  The registration is kept in the
+ * registering thread's io_uring context and names the ring by an index into
+ * that thread's table: in any other thread the same index means whatever
+ * ring that thread registered there, or nothing.  So only the registering
+ * thread may enter by index or drop the registration.  Threads are told
+ * apart by a token (not pthread_self(), which a new thread may reuse). */
+static __thread uint64_t thread_token;
+static uint64_t last_thread_token;
+
+static uint64_t this_thread(void)
+{
+    if (!thread_token)
+        thread_token = __atomic_add_fetch(&last_thread_token, 1, __ATOMIC_RELAXED);
+    return thread_token;
+}
+
+/* Whether the calling thread is not the one that registered the ring fd:
+ * liburing's calls would reach the ring by an index that means nothing, or
+ * another ring, here.  The kernel refuses such a thread anyway (EEXIST:
+ * only SINGLE_ISSUER rings are registered), so the helper says the same. */
+static int foreign_thread(const iomux_ring *r)
+{
+    return r->reg_thread && r->reg_thread != this_thread();
+}
+
 static iomux_ring *iomux_ring_new(unsigned entries, unsigned cq_entries, unsigned flags,
-                                  int wake_fd, int *err)
+                                  int register_fd, int wake_fd, int *err)
 {
     struct io_uring_params p;
     iomux_ring *r = calloc(1, sizeof *r);
@@ -216,6 +245,9 @@ static iomux_ring *iomux_ring_new(unsigned entries, unsigned cq_entries, unsigne
     r->setup_flags = flags;
     r->wake_fd = wake_fd;
     r->enabled = !(flags & IORING_SETUP_R_DISABLED);
+    /* Only a ring bound to one thread (SINGLE_ISSUER, enabled by that
+     * thread) may be entered by index: see this_thread(). */
+    r->want_registered = register_fd && !r->enabled && (flags & IORING_SETUP_SINGLE_ISSUER);
     *err = 0;
     return r;
 }
@@ -224,14 +256,18 @@ static unsigned iomux_ring_features(const iomux_ring *r) { return r->ring.featur
 static unsigned iomux_ring_sq_entries(const iomux_ring *r) { return r->ring.sq.ring_entries; }
 static unsigned iomux_ring_cq_entries(const iomux_ring *r) { return r->ring.cq.ring_entries; }
 static int iomux_ring_fd(const iomux_ring *r) { return r->ring.ring_fd; }
+static int iomux_ring_registered(const iomux_ring *r) { return r->reg_thread != 0; }
 
 /* Fill supported[op] with 1/0 for every opcode the kernel knows; returns the
  * number of entries written or -errno. */
 static int iomux_ring_probe(iomux_ring *r, unsigned char *supported, unsigned n)
 {
-    struct io_uring_probe *p = io_uring_get_probe_ring(&r->ring);
+    struct io_uring_probe *p;
     unsigned i;
 
+    if (foreign_thread(r))
+        return -EEXIST;
+    p = io_uring_get_probe_ring(&r->ring);
     if (!p)
         return -EOPNOTSUPP;
     for (i = 0; i < n; i++)
@@ -255,7 +291,26 @@ static int ensure_enabled(iomux_ring *r)
     if (ret < 0)
         return ret;
     r->enabled = 1;
+    /* Not registered (kernel before 5.18, or this thread's table of 16 is
+     * full): entering by fd works the same, a little slower. */
+    if (r->want_registered && io_uring_register_ring_fd(&r->ring) == 1)
+        r->reg_thread = this_thread();
     return 0;
+}
+
+/* Stop entering by index: unregister in the registering thread.  Elsewhere
+ * (another thread, a forked child) the index is only forgotten, by one no
+ * thread can have (the kernel's table holds 16), so that liburing's own
+ * unregister in io_uring_queue_exit() fails harmlessly; the kernel drops
+ * the registration when the registering thread exits. */
+static void drop_registration(iomux_ring *r, int may_unregister)
+{
+    if (!r->reg_thread)
+        return;
+    if (!(may_unregister && r->reg_thread == this_thread() &&
+          io_uring_unregister_ring_fd(&r->ring) == 1))
+        r->ring.enter_ring_fd = INT_MAX;
+    r->reg_thread = 0;
 }
 
 /* Completions parked on the overflow list, or, with tw, (DEFER/COOP_TASKRUN)
@@ -730,6 +785,8 @@ static int enter(iomux_ring *r, const void *ops_buf, unsigned nops, void *out_bu
     status[1] = 0;
     status[2] = -1;
     status[3] = status[4] = status[5] = 0;
+    if (foreign_thread(r))
+        return -EEXIST;
     for (n = 0; n < nops; n++) {
         if (ops[n].op >= IOMUX_OP_COUNT || ops[n].user_data >= IOMUX_UD_RESERVED ||
             (r->streams && (ops[n].user_data & IOMUX_UD_STREAM))) {
@@ -826,6 +883,8 @@ static void iomux_ring_close(iomux_ring *r, int cancel)
     int err = 0, done = 0, ret, tries;
     unsigned head, seen;
 
+    if (foreign_thread(r))
+        cancel = 0; /* it would fail with EEXIST */
     if (cancel && r->enabled && (sqe = get_sqe(r, &err))) {
         io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY | IORING_ASYNC_CANCEL_ALL);
         io_uring_sqe_set_data64(sqe, IOMUX_UD_CLOSE);
@@ -842,6 +901,7 @@ static void iomux_ring_close(iomux_ring *r, int cancel)
                 break; /* e.g. -EEXIST: not the ring's thread */
         }
     }
+    drop_registration(r, cancel);
     streams_free(r, 1);
     io_uring_queue_exit(&r->ring);
     free(r->level);
@@ -870,6 +930,10 @@ static iomux_bufs *iomux_bufs_new(iomux_ring *r, unsigned bgid, unsigned nbufs, 
 
     if (nbufs == 0 || nbufs > 32768 || (nbufs & (nbufs - 1)) || size == 0 || bgid > 0xFFFF) {
         *err = EINVAL;
+        return NULL;
+    }
+    if (foreign_thread(r)) {
+        *err = EEXIST;
         return NULL;
     }
     b = calloc(1, sizeof *b);
@@ -929,7 +993,7 @@ static int iomux_bufs_recycle(iomux_bufs *b, const uint16_t *bids, unsigned n)
 /* r = NULL once the ring itself is gone (the kernel dropped the group). */
 static void iomux_bufs_free(iomux_ring *r, iomux_bufs *b)
 {
-    if (r)
+    if (r && !foreign_thread(r))
         io_uring_unregister_buf_ring(&r->ring, (int)b->bgid);
     munmap(b->br, b->br_bytes);
     free(b);

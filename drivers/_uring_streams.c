@@ -899,6 +899,10 @@ static iomux_streams *iomux_streams_new(iomux_ring *r, unsigned nbufs, unsigned 
         *err = EBUSY;
         return NULL;
     }
+    if (foreign_thread(r)) {
+        *err = EEXIST;
+        return NULL;
+    }
     if (nbufs == 0 || nbufs > 32768 || (nbufs & (nbufs - 1)) || bufsize == 0 ||
         bgid > 0xFFFF || ev_cap < 4 * EVENTS_PER_CQE || data_cap < bufsize) {
         *err = EINVAL;

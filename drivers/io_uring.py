@@ -99,7 +99,7 @@ class IoUringDriver(PollMasks, Multiplexer):
     def details(cls) -> dict[str, Any]:
         """Kernel and liburing versions, the setup flags the kernel accepted, stream features."""
         info = _uring.describe()
-        keep = ("kernel", "liburing", "setup_flags", "features", "stream_features")
+        keep = ("kernel", "liburing", "setup_flags", "features", "ring_features", "stream_features")
         return {k: info[k] for k in keep if k in info}
 
     def __init__(self, entries: int = 256, cq_entries: int = 4096, capacity: int = 1024) -> None:

@@ -132,6 +132,11 @@ class CompletionPort(ABC):
     def free(self, slot: int) -> None:
         """The caller is done with a ``CLOSED`` slot: the port may give it out again."""
 
+    @property
+    @abstractmethod
+    def slots_in_use(self) -> int:
+        """How many slots :meth:`open` and :meth:`listen` gave out that were not freed."""
+
     @abstractmethod
     def events(self) -> tuple[Iterable[Event], object]:
         """The events of the last ``poll()`` and the buffer their ``DATA`` bytes are in.

@@ -524,6 +524,75 @@ def test_ring_belongs_to_the_first_thread_that_enters_it() -> None:
         ring.enter(0, 0)
 
 
+def _registers_ring_fds(ring: U.Ring) -> bool:
+    """Whether this kernel and ring should register the ring's fd on first enter."""
+    release = tuple(int(p) for p in os.uname().release.split("-")[0].split(".")[:2])
+    return (
+        release >= (5, 18)
+        and "SINGLE_ISSUER" in ring.setup_flag_names
+        and "registered_ring" not in U.disabled_features()
+    )
+
+
+@pytest.mark.parametrize("disabled", [False, True], ids=["registered", "by-fd"])
+def test_the_first_thread_to_enter_a_ring_registers_its_fd(
+    disabled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux 5.18+: the thread a single-issuer ring belongs to enters it by a registered
+    index (no file lookup per system call); IOMUX_URING_DISABLE=registered_ring keeps
+    entering by fd. The ring works the same either way."""
+    if disabled:
+        monkeypatch.setenv("IOMUX_URING_DISABLE", "registered_ring")
+    _require_uring()
+    ring = U.Ring()
+    try:
+        assert not ring.registered_fd  # bound (and registered) by the first enter
+        ring.nop(1)
+        assert collect(ring, 1) == [(1, 0, 0)]
+        assert ring.registered_fd is _registers_ring_fds(ring)
+        for n in range(2, 50):
+            ring.nop(n)
+        assert sorted(ud for ud, _, _ in collect(ring, 48)) == list(range(2, 50))
+    finally:
+        ring.close()
+    assert not ring.registered_fd
+
+
+def test_a_ring_registered_by_another_thread_never_reaches_this_threads_ring() -> None:
+    """Registered indexes belong to a thread: a worker's ring and this thread's ring
+    both sit at index 0 of their own thread's table. Entering the worker's ring from
+    here fails as SINGLE_ISSUER says, instead of entering this thread's ring at that
+    index, and closing it from here leaves this thread's registration alone."""
+    _require_uring()
+    mine = U.Ring()
+    mine.nop(1)
+    assert collect(mine, 1) == [(1, 0, 0)]
+    theirs = U.Ring()
+    seen: list[object] = []
+
+    def worker() -> None:
+        theirs.nop(7)
+        seen.extend(collect(theirs, 1))
+        seen.append(theirs.registered_fd)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    try:
+        assert seen == [(7, 0, 0), _registers_ring_fds(theirs)]
+        assert mine.registered_fd is _registers_ring_fds(mine)
+        theirs.nop(8)
+        with pytest.raises(RuntimeError, match="SINGLE_ISSUER"):
+            theirs.enter(0, 0)
+        theirs.close()
+        mine.nop(2)
+        assert collect(mine, 1) == [(2, 0, 0)]
+        assert mine.registered_fd is _registers_ring_fds(mine)
+    finally:
+        theirs.close()
+        mine.close()
+
+
 def test_fork_child_gets_a_clear_error(ring: U.Ring) -> None:
     ring.nop(1)
     assert collect(ring, 1) == [(1, 0, 0)]

@@ -127,6 +127,8 @@ class NetworkReactor(BaseReactor):
         #: connection is lost, and every datagram transport until it closes.
         #: add_reader and friends refuse these fds, as asyncio's do.
         self._transports: WeakMap[int, Any] = WeakMap()
+        #: Stream transports made whose connection_lost has not run yet.
+        self._stream_count = 0
         # One bound method for every transport's on_lost, not one each.
         self._on_stream_lost = self._stream_lost
         # The graceful shutdowns waiting for the stream transports.
@@ -169,6 +171,7 @@ class NetworkReactor(BaseReactor):
     def _stream_made(self, transport: StreamTransport) -> None:
         """A stream transport was made: track it until its connection is lost."""
         self._transports.add(transport.fileno(), transport)
+        self._stream_count += 1
         transport.on_lost(self._on_stream_lost)
 
     @property
@@ -190,6 +193,7 @@ class NetworkReactor(BaseReactor):
 
     def _stream_lost(self, transport: StreamTransport) -> None:
         self._transports.discard(transport.fileno(), transport)
+        self._stream_count -= 1
         for shutdown in list(self._shutdowns):
             shutdown.connection_closed()
 
@@ -1282,7 +1286,9 @@ class NetworkReactor(BaseReactor):
         connection is left.
         """
         servers = [server for server in self._all_servers if server.sockets]
-        shutdown = GracefulShutdown(self, servers, self._streams, grace, drain)
+        shutdown = GracefulShutdown(
+            self, servers, self._streams, lambda: self._stream_count, grace, drain
+        )
         self._shutdowns.append(shutdown)
         shutdown.done.add_done_callback(lambda _: self._shutdowns.remove(shutdown))
         shutdown.start()

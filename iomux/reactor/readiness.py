@@ -141,6 +141,11 @@ class ReadinessReactor(NetworkReactor):
         # fds a transport lends to the sock_* methods meanwhile (sendfile).
         self._lent_fds: set[int] = set()
 
+    @property
+    def trigger(self) -> Trigger:
+        """How readiness stream transports register: ``Trigger.LEVEL`` or ``Trigger.EDGE``."""
+        return Trigger.EDGE if self._edge else Trigger.LEVEL
+
     # -- waiting ------------------------------------------------------------------
 
     def _process_io(self, timeout: float | None) -> None:

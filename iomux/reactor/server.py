@@ -259,6 +259,11 @@ class Server(asyncio.AbstractServer):
         """The transports of the connections open now."""
         return frozenset(self._clients(self))
 
+    @property
+    def connection_count(self) -> int:
+        """How many accepted connections have not ended (``connection_lost`` not run yet)."""
+        return self._active
+
     def port(self) -> int:
         """The port of the first TCP socket (handy after binding port 0)."""
         for sock in self._sockets or ():

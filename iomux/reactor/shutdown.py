@@ -14,8 +14,10 @@ Phases:
 
 Nothing accepted by ``write()`` is dropped unless the peer refuses it for
 the whole drain time. The shutdown is event-driven: each connection that
-ends tells it (:meth:`GracefulShutdown.connection_closed`), and two timers
-mark the ends of the grace and drain periods; nothing polls.
+ends tells it (:meth:`GracefulShutdown.connection_closed`), which reads a
+count of the connections left (so that ending N connections costs O(N),
+not O(N^2)), and two timers mark the ends of the grace and drain periods;
+nothing polls.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class GracefulShutdown:
         loop: asyncio.AbstractEventLoop,
         servers: Iterable[Server],
         connections: Callable[[], Iterable[Any]],
+        count: Callable[[], int],
         grace: float,
         drain: float,
     ) -> None:
@@ -46,6 +49,8 @@ class GracefulShutdown:
         self._loop = loop
         self._servers = list(servers)
         self._connections = connections
+        #: How many connections have not ended yet (their connection_lost did not run).
+        self._count = count
         self._grace = grace
         self._drain = drain
         self._timers: list[asyncio.TimerHandle] = []
@@ -67,13 +72,23 @@ class GracefulShutdown:
 
     def connection_closed(self) -> None:
         """A connection ended: finish if it was the last one."""
+        if self.done.done() or self._count() > 0:
+            return
+        self._finish()
+
+    def _finish(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self.done.set_result(None)
+
+    def _finish_unless_alive(self) -> None:
+        # A transport collected without being closed never ends, so it stays
+        # counted: once the aborted connections were told, look for real ones.
         if self.done.done():
             return
         for _ in self._connections():
             return
-        for timer in self._timers:
-            timer.cancel()
-        self.done.set_result(None)
+        self._finish()
 
     def _close_remaining(self) -> None:
         for transport in list(self._connections()):
@@ -89,6 +104,8 @@ class GracefulShutdown:
                     total,
                 )
             )
+        # After the connection_lost calls the aborts scheduled.
+        self._loop.call_soon(self._finish_unless_alive)
 
 
 def graceful_shutdown(
@@ -96,16 +113,17 @@ def graceful_shutdown(
     servers: Iterable[Server],
     grace: float,
     drain: float,
-    connections: Callable[[], Iterable[Any]] | None = None,
 ) -> asyncio.Future[None]:
-    """Run the phases above for ``servers`` (and ``connections``, default theirs)."""
+    """Run the phases above for ``servers`` and the connections they accepted."""
     servers = list(servers)
-    if connections is None:
 
-        def connections() -> Iterable[Any]:
-            for server in servers:
-                yield from server.connections
+    def connections() -> Iterable[Any]:
+        for server in servers:
+            yield from server.connections
 
-    shutdown = GracefulShutdown(loop, servers, connections, grace, drain)
+    def count() -> int:
+        return sum(server.connection_count for server in servers)
+
+    shutdown = GracefulShutdown(loop, servers, connections, count, grace, drain)
     shutdown.start()
     return shutdown.done

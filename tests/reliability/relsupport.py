@@ -178,7 +178,7 @@ def serve(args: argparse.Namespace) -> int:
         )
     )
     ring_fd = mux.ring.fileno() if mux.name == "io_uring" else -1  # type: ignore[attr-defined]
-    completion = reactor._completion
+    port = reactor.completion_port if reactor.io == "completion" else None
     pending = bytearray()
 
     def stats() -> dict[str, Any]:
@@ -202,9 +202,9 @@ def serve(args: argparse.Namespace) -> int:
         }
         if ring_fd >= 0:
             out["ring_polls"] = ring_polls(ring_fd)
-        if completion is not None:
+        if port is not None:
             # Completion-port slots in use: the listener's and one per connection.
-            out["slots"] = sum(owner is not None for owner in completion._slots)
+            out["slots"] = port.slots_in_use
         return out
 
     def on_stdin() -> None:
