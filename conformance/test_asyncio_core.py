@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -193,6 +194,31 @@ def test_cancelled_handles_and_timers_do_not_run(aio_loop: Loop) -> None:
     assert seen == ["kept"]
     kept.cancel()  # cancelling a timer that ran is harmless
     assert later.when() > 0  # a cancelled timer still says when it was due
+
+
+def test_cancelling_a_timer_releases_its_callback_at_once(aio_loop: Loop) -> None:
+    """A cancelled timer drops its callback and arguments at once (the loop's heap
+    lets go of the handle itself only later); in debug mode its repr still names them."""
+
+    class Target:
+        def fire(self) -> None:
+            raise AssertionError("a cancelled timer ran")
+
+    targets = [Target() for _ in range(200)]
+    refs = [weakref.ref(t) for t in targets]
+    timers = [aio_loop.call_later(3600, t.fire) for t in targets]
+    timers += [aio_loop.call_at(aio_loop.time() + 3600, t.fire) for t in targets]
+    del targets
+    for timer in timers:
+        timer.cancel()
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)
+    assert all(timer.cancelled() and "cancelled" in repr(timer) for timer in timers)
+    run(aio_loop, asyncio.sleep(0.01))
+    aio_loop.set_debug(True)
+    timer = aio_loop.call_later(3600, print, "kept in the repr")
+    timer.cancel()
+    assert "print" in repr(timer) and "cancelled" in repr(timer)
 
 
 def test_a_callback_can_cancel_a_later_callback(aio_loop: Loop) -> None:
@@ -789,7 +815,9 @@ def test_exception_in_a_callback_is_reported_with_its_handle(aio_loop: Loop) -> 
     [(loop, context)] = reported
     assert loop is aio_loop and context["handle"] is handle
     assert isinstance(context["exception"], ZeroDivisionError)
-    assert context["message"].startswith("Exception in callback")
+    # "Exception in callback <the callback and where it is defined>", as repr(handle) names it.
+    assert context["message"] == "Exception in callback " + repr(handle)[len("<Handle ") : -1]
+    assert "source_traceback" not in context  # not in debug mode
     aio_loop.set_exception_handler(None)
     assert aio_loop.get_exception_handler() is None
     with pytest.raises(TypeError):
@@ -879,6 +907,35 @@ def test_debug_slow_callback_warning(aio_loop: Loop, caplog: pytest.LogCaptureFi
         run(aio_loop, asyncio.sleep(0.01))
     messages = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
     assert any(re.match(r"Executing .* took \d+\.\d+ seconds", m) for m in messages), messages
+
+
+def test_debug_handles_remember_where_they_were_scheduled(aio_loop: Loop) -> None:
+    """In debug mode each handle keeps the stack that scheduled it, ending at the
+    caller's line (not inside the loop), and a failing callback reports it."""
+    aio_loop.set_debug(True)
+    reported: list[dict[str, Any]] = []
+    aio_loop.set_exception_handler(lambda loop, context: reported.append(context))
+
+    def boom() -> None:
+        raise ZeroDivisionError("in callback")
+
+    here = sys._getframe().f_lineno
+    soon = aio_loop.call_soon(boom)
+    later = aio_loop.call_later(0.001, print)
+    at = aio_loop.call_at(aio_loop.time() + 0.001, print)
+    threadsafe = aio_loop.call_soon_threadsafe(len, "")
+    for offset, handle in enumerate((soon, later, at, threadsafe), start=1):
+        frame = handle._source_traceback[-1]  # type: ignore[attr-defined]
+        assert (frame.name, frame.lineno) == (
+            "test_debug_handles_remember_where_they_were_scheduled",
+            here + offset,
+        )
+    later.cancel()
+    at.cancel()
+    run(aio_loop, asyncio.sleep(0.01))
+    [context] = reported
+    assert context["handle"] is soon
+    assert context["source_traceback"] is soon._source_traceback
 
 
 def test_debug_refuses_call_soon_from_another_thread(aio_loop: Loop) -> None:

@@ -71,6 +71,8 @@ _EDGE_READS = 4
 _os_read = os.read
 _os_write = os.write
 _SendfileMode = aio_constants._SendfileMode
+#: A stream transport's write buffer while nothing waits (immutable: shared).
+_NO_BUFFER = b""
 # asyncio 3.13 sends empty datagrams; earlier versions drop them.
 _EMPTY_DATAGRAMS_DROPPED = sys.version_info < (3, 13)
 # asyncio 3.13 counts 8 header bytes per queued datagram.
@@ -88,7 +90,7 @@ class _Watch:
         self.reader: asyncio.Handle | None = None
         self.writer: asyncio.Handle | None = None
 
-    def __call__(self, mask: int) -> None:
+    def _on_event(self, mask: int) -> None:
         ready = self._loop._ready
         reader, writer = self.reader, self.writer
         if mask & _READ and reader is not None:
@@ -149,14 +151,17 @@ class ReadinessReactor(NetworkReactor):
     # -- waiting ------------------------------------------------------------------
 
     def _process_io(self, timeout: float | None) -> None:
-        for _fd, mask, callback in self._mux.ready(timeout):
+        # What the loop registers with the multiplexer is the object that
+        # handles the fd's events (a watch, a listener, a transport): it is
+        # told with its _on_event(mask), so no bound method is kept per fd.
+        for _fd, mask, target in self._mux.ready(timeout):
             try:
-                callback(mask)
+                target._on_event(mask)
             except (SystemExit, KeyboardInterrupt):
                 raise
             except BaseException as exc:
                 self.call_exception_handler(
-                    {"message": f"exception in I/O callback {callback!r}", "exception": exc}
+                    {"message": f"exception handling I/O of {target!r}", "exception": exc}
                 )
 
     def _wake(self) -> None:
@@ -563,7 +568,7 @@ class ReadinessListener:
     def start(self) -> None:
         """Watch the socket for incoming connections."""
         if not self._watching and not self._closed and not self._backing_off:
-            self._loop._mux.register(self._sock, _READ, self._on_event)
+            self._loop._mux.register(self._sock, _READ, self)
             self._watching = True
 
     def _stop(self) -> None:
@@ -651,7 +656,9 @@ class ReadinessStreamTransport(StreamTransport):
         super().__init__(loop, sock, protocol, extra, server)
         self._io = loop
         self._mux = loop._mux
-        self._buffer = bytearray()
+        # What the socket did not take yet; while nothing waits, the shared
+        # empty bytes (an idle connection holds no buffer of its own).
+        self._buffer: bytearray | bytes = _NO_BUFFER
         self._edge = edge
         self._reg = 0
         self._started = False
@@ -672,7 +679,7 @@ class ReadinessStreamTransport(StreamTransport):
             return
         if self._edge:
             if not self._reg:
-                self._mux.register(self._sock_fd, _BOTH, self._on_event, trigger=Trigger.EDGE)
+                self._mux.register(self._sock_fd, _BOTH, self, trigger=Trigger.EDGE)
                 self._reg = _BOTH
         else:
             self._update()
@@ -690,11 +697,11 @@ class ReadinessStreamTransport(StreamTransport):
         if want == have:
             return
         if not have:
-            self._mux.register(self._sock_fd, want, self._on_event)
+            self._mux.register(self._sock_fd, want, self)
         elif not want:
             self._mux.unregister(self._sock_fd)
         else:
-            self._mux.modify(self._sock_fd, want, self._on_event)
+            self._mux.modify(self._sock_fd, want, self)
         self._reg = want
 
     # -- events -------------------------------------------------------------------
@@ -822,7 +829,7 @@ class ReadinessStreamTransport(StreamTransport):
                 deadlines.last_io = self._loop.time()
             if n == len(data):
                 return
-        self._buffer += memoryview(data)[n:]
+        self._buffer = bytearray(memoryview(data)[n:])
         self._update()
         self._maybe_pause_protocol()
 
@@ -846,10 +853,10 @@ class ReadinessStreamTransport(StreamTransport):
             view = memoryview(data).cast("B")[n:]
             if not view:
                 return
-            self._buffer += view
+            self._buffer = bytearray(view)
             self._update()
         else:
-            self._buffer += data
+            self._buffer += data  # a bytearray: it holds bytes
         self._maybe_pause_protocol()
 
     def _write_ready(self) -> None:
@@ -863,18 +870,21 @@ class ReadinessStreamTransport(StreamTransport):
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
-            buffer.clear()
+            self._buffer = _NO_BUFFER
             self._update()
             self._fatal_error(exc, "Fatal write error on socket transport")
             if self._empty_waiter is not None:
                 self._empty_waiter.set_exception(exc)
             return
         if n:
-            del buffer[:n]
+            if n == len(buffer):
+                self._buffer = _NO_BUFFER
+            else:
+                del buffer[:n]  # type: ignore[union-attr]
             if (deadlines := self._deadlines) is not None:
                 deadlines.last_io = self._loop.time()
         self._maybe_resume_protocol()  # may write more
-        if not buffer:
+        if not self._buffer:
             self._update()
             if self._empty_waiter is not None:
                 self._empty_waiter.set_result(None)
@@ -938,7 +948,7 @@ class ReadinessStreamTransport(StreamTransport):
             return
         if self._buffer:
             self._reset_if_dropping()
-            self._buffer.clear()
+            self._buffer = _NO_BUFFER
         self._closing = True
         self._update()
         self._lost(exc)
@@ -980,7 +990,7 @@ class ReadinessStreamTransport(StreamTransport):
             self._empty_waiter = None
             io_._lent_fds.discard(self._sock_fd)
             if self._edge and registered and self._sock is not None:
-                self._mux.register(self._sock_fd, _BOTH, self._on_event, trigger=Trigger.EDGE)
+                self._mux.register(self._sock_fd, _BOTH, self, trigger=Trigger.EDGE)
                 self._reg = _BOTH
             else:
                 self._update()
