@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import heapq
+import itertools
 import logging
 import os
 import socket
@@ -72,21 +73,6 @@ _FILL_HANDLES = getattr(asyncio.Handle, "__slots__", None) == _HANDLE_FIELDS and
     asyncio.TimerHandle, "__slots__", None
 ) == ["_scheduled", "_when"]
 _new_handle = asyncio.Handle.__new__
-
-
-def _filled(
-    cls: type[asyncio.Handle],
-    loop: asyncio.AbstractEventLoop,
-    callback: Callable[..., object],
-    args: tuple[Any, ...],
-    context: Context | None,
-) -> Any:
-    """A ``cls`` (asyncio.Handle or a TimerHandle) as its constructor makes it outside debug."""
-    handle: Any = _new_handle(cls)
-    handle._context = copy_context() if context is None else context
-    handle._loop, handle._callback, handle._args = loop, callback, args
-    handle._cancelled, handle._repr, handle._source_traceback = False, None, None
-    return handle
 
 
 def _debug_from_environment() -> bool:
@@ -154,7 +140,11 @@ class BaseReactor(asyncio.AbstractEventLoop):
         # asyncio's handles, read by their private fields as asyncio's own
         # loops do (typeshed declares none of them): hence Any.
         self._ready: deque[Any] = deque()
-        self._scheduled: list[Any] = []
+        # The timer heap: (when, sequence number, TimerHandle), compared as
+        # tuples in C (TimerHandle's own comparisons are Python methods), and
+        # in the order they were scheduled when due at the same time.
+        self._scheduled: list[tuple[float, int, Any]] = []
+        self._timer_number = itertools.count().__next__
         self._timer_cancelled_count = 0
         self._closed = False
         self._stopping = False
@@ -197,7 +187,11 @@ class BaseReactor(asyncio.AbstractEventLoop):
             self._raise_closed()
         if self._debug or not _FILL_HANDLES:
             return self._call_soon_checked(callback, args, context)
-        handle = _filled(asyncio.Handle, self, callback, args, context)
+        # What Handle(callback, args, self, context) makes outside debug mode.
+        handle: Any = _new_handle(asyncio.Handle)
+        handle._context = copy_context() if context is None else context
+        handle._loop, handle._callback, handle._args = self, callback, args
+        handle._cancelled, handle._repr, handle._source_traceback = False, None, None
         self._ready.append(handle)
         return handle  # type: ignore[no-any-return]
 
@@ -265,7 +259,7 @@ class BaseReactor(asyncio.AbstractEventLoop):
         timer: Any = asyncio.TimerHandle(when, callback, args, self, context)
         if timer._source_traceback:
             del timer._source_traceback[-1]
-        heapq.heappush(self._scheduled, timer)
+        heapq.heappush(self._scheduled, (when, self._timer_number(), timer))
         timer._scheduled = True
         return timer  # type: ignore[no-any-return]
 
@@ -275,9 +269,12 @@ class BaseReactor(asyncio.AbstractEventLoop):
         # call_later and call_at outside debug mode: see _FILL_HANDLES.
         if self._closed:
             self._raise_closed()
-        timer = _filled(_Timer, self, callback, args, context)
+        timer: Any = _new_handle(_Timer)
+        timer._context = copy_context() if context is None else context
+        timer._loop, timer._callback, timer._args = self, callback, args
+        timer._cancelled, timer._repr, timer._source_traceback = False, None, None
         timer._when = when
-        heapq.heappush(self._scheduled, timer)
+        heapq.heappush(self._scheduled, (when, self._timer_number(), timer))
         timer._scheduled = True
         return timer  # type: ignore[no-any-return]
 
@@ -383,14 +380,14 @@ class BaseReactor(asyncio.AbstractEventLoop):
             self._purge_cancelled_timers()
             scheduled = self._scheduled
         else:
-            while scheduled and scheduled[0]._cancelled:
+            while scheduled and scheduled[0][2]._cancelled:
                 self._timer_cancelled_count -= 1
-                heapq.heappop(scheduled)._scheduled = False
+                heapq.heappop(scheduled)[2]._scheduled = False
         ready = self._ready
         if ready or self._stopping:
             timeout: float | None = 0.0
         elif scheduled:
-            timeout = scheduled[0]._when - time.monotonic()
+            timeout = scheduled[0][0] - time.monotonic()
             if timeout < 0:
                 timeout = 0.0
             elif timeout > MAXIMUM_WAIT:
@@ -400,8 +397,8 @@ class BaseReactor(asyncio.AbstractEventLoop):
         self._process_io(timeout)
         if scheduled:
             now = time.monotonic()
-            while scheduled and scheduled[0]._when <= now:
-                handle = heapq.heappop(scheduled)
+            while scheduled and scheduled[0][0] <= now:
+                handle = heapq.heappop(scheduled)[2]
                 handle._scheduled = False
                 ready.append(handle)
         if self._debug:
@@ -447,11 +444,11 @@ class BaseReactor(asyncio.AbstractEventLoop):
 
     def _purge_cancelled_timers(self) -> None:
         kept = []
-        for handle in self._scheduled:
-            if handle._cancelled:
-                handle._scheduled = False
+        for entry in self._scheduled:
+            if entry[2]._cancelled:
+                entry[2]._scheduled = False
             else:
-                kept.append(handle)
+                kept.append(entry)
         heapq.heapify(kept)
         self._scheduled = kept
         self._timer_cancelled_count = 0
@@ -464,12 +461,12 @@ class BaseReactor(asyncio.AbstractEventLoop):
         if self._ready:
             return 0.0
         scheduled = self._scheduled
-        while scheduled and scheduled[0]._cancelled:
+        while scheduled and scheduled[0][2]._cancelled:
             self._timer_cancelled_count -= 1
-            heapq.heappop(scheduled)._scheduled = False
+            heapq.heappop(scheduled)[2]._scheduled = False
         if not scheduled:
             return None
-        return max(0.0, float(scheduled[0]._when) - time.monotonic())
+        return max(0.0, float(scheduled[0][0]) - time.monotonic())
 
     # -- closing --------------------------------------------------------------------
 

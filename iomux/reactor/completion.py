@@ -475,12 +475,11 @@ class CompletionStreamTransport(StreamTransport):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` with the loop's next system call (after what was written before)."""
-        if type(data) is not bytes or self._blocked or not data or len(data) >= self._stage_max:
+        if type(data) is not bytes or self._blocked or not 0 < (n := len(data)) < self._stage_max:
             self._write_slow(data)
             return
         # The port's fast path: the bytes go to its stage, (slot, length) to
         # its send pairs; one C call per loop iteration takes them all.
-        n = len(data)
         self._stage += data
         sends = self._sends
         sends.append(self._slot)
