@@ -251,3 +251,21 @@ def test_unknown_trigger_is_refused() -> None:
         Reactor("epoll", trigger=Trigger.ONESHOT)
     with pytest.raises(ValueError, match="does not support"):
         Reactor("poll", trigger=Trigger.EDGE)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({}, Trigger.LEVEL),
+        ({"trigger": Trigger.LEVEL}, Trigger.LEVEL),
+        ({"trigger": Trigger.EDGE}, Trigger.EDGE),
+    ],
+)
+def test_the_loop_says_how_its_stream_transports_register(
+    kwargs: dict[str, Trigger], expected: Trigger
+) -> None:
+    reactor = Reactor("epoll", **kwargs)
+    try:
+        assert reactor.trigger is expected
+    finally:
+        reactor.close()
