@@ -257,8 +257,9 @@ _FORCE_ENV = "IOMUX_URING_FORCE_FAIL"
 _DISABLE_ENV = "IOMUX_URING_DISABLE"
 #: What IOMUX_URING_DISABLE can name: ``registered_ring`` (the loop's thread
 #: enters its ring by an index registered with the kernel, Linux 5.18+,
-#: instead of by fd) and ``incremental_buffers`` (see :class:`StreamPort`).
-FEATURES = ("registered_ring", "incremental_buffers")
+#: instead of by fd), ``incremental_buffers`` and ``recv_bundles`` (see
+#: :class:`StreamPort`).
+FEATURES = ("registered_ring", "incremental_buffers", "recv_bundles")
 
 
 def disabled_features() -> frozenset[str]:
@@ -416,7 +417,14 @@ def describe() -> dict[str, object]:
             # The optional features every ring of this thread uses here.
             out["ring_features"] = ["registered_ring"] if ring.registered_fd else []
             # The optional features the loop's stream connections use here.
-            out["stream_features"] = ["incremental_buffers"] if port.incremental else []
+            out["stream_features"] = [
+                name
+                for name, used in (
+                    ("incremental_buffers", port.incremental),
+                    ("recv_bundles", port.bundles),
+                )
+                if used
+            ]
     return out
 
 
@@ -1289,7 +1297,13 @@ class StreamPort(_port.CompletionPort):
     back at once. ``incremental`` (default: unless IOMUX_URING_DISABLE names
     ``incremental_buffers``) asks the kernel to let receives take only what
     they need of a buffer; by default the buffers are then
-    :data:`INCREMENTAL_BUFFERS`, else :data:`WHOLE_BUFFERS`. ``guard`` arms
+    :data:`INCREMENTAL_BUFFERS`, else :data:`WHOLE_BUFFERS`. ``bundles``
+    (default: unless IOMUX_URING_DISABLE names ``recv_bundles``) lets one
+    receive fill as many buffers as the socket has bytes for, up to 64 KiB
+    (kernel 6.10+; with whole buffers only, since an incremental receive
+    already takes up to a whole big buffer and bundles measured slower
+    there; and only where the data area, by default as big as all the
+    buffers, holds them all). ``guard`` arms
     a poll per connection that restarts a receive that missed the peer's
     end (a kernel race).
     """
@@ -1303,13 +1317,16 @@ class StreamPort(_port.CompletionPort):
         buffers: int | None = None,
         buffer_size: int | None = None,
         events: int = 4096,
-        data_size: int = 1 << 20,
+        data_size: int | None = None,
         guard: bool = True,
         incremental: bool | None = None,
+        bundles: bool | None = None,
         submitter: Callable[[], None] | None = None,
     ) -> None:
         if incremental is None:
             incremental = "incremental_buffers" not in disabled_features()
+        if bundles is None:
+            bundles = "recv_bundles" not in disabled_features()
         if buffers is None and buffer_size is None:
             # Big buffers only where receives take part of one (else each
             # small message would use up 64 KiB): measured in bench/README.md.
@@ -1318,6 +1335,8 @@ class StreamPort(_port.CompletionPort):
         else:
             buffers = WHOLE_BUFFERS[0] if buffers is None else buffers
             buffer_size = WHOLE_BUFFERS[1] if buffer_size is None else buffer_size
+        if data_size is None:
+            data_size = max(1 << 20, buffers * buffer_size)
         self._ring = ring
         self._submitter = submitter
         self._ev = _ffi.new("char[]", events * SEV.size)
@@ -1337,6 +1356,7 @@ class StreamPort(_port.CompletionPort):
             data_size,
             1 if guard else 0,
             1 if incremental else 0,
+            1 if bundles else 0,
             err,
         )
         if handle == _ffi.NULL:
@@ -1344,6 +1364,10 @@ class StreamPort(_port.CompletionPort):
         #: Whether receives take only what they need of a provided buffer
         #: (IOU_PBUF_RING_INC, kernel 6.12+): asked for and granted.
         self.incremental = bool(_lib.iomux_streams_incremental(ring._r))
+        #: Whether one receive fills several provided buffers at once
+        #: (IORING_RECVSEND_BUNDLE, kernel 6.10+): asked for and granted.
+        self.bundles = bool(_lib.iomux_streams_bundles(ring._r))
+        self._counts = _ffi.new("uint64_t[2]")
         self._cap = 256
         self._ops = _ffi.new("char[]", self._cap * SOP.size)
         self._opsview = memoryview(_ffi.buffer(self._ops))
@@ -1507,6 +1531,17 @@ class StreamPort(_port.CompletionPort):
     def slots_in_use(self) -> int:
         """How many slots :meth:`open` and :meth:`listen` gave out that were not freed."""
         return self._next_slot - len(self._free)
+
+    def receive_counts(self) -> tuple[int, int]:
+        """(receive completions that carried bytes, provided buffers they filled) so far.
+
+        Buffers per receive above 1 are bundles at work (see ``bundles``); a
+        closed port reports (0, 0).
+        """
+        if self._r is None:
+            return 0, 0
+        _lib.iomux_streams_counts(self._r, self._counts)
+        return int(self._counts[0]), int(self._counts[1])
 
     def events(self) -> tuple[Iterable[tuple[int, int, int, int]], Any]:
         """The events since the last call, and the data area (valid until the next poll)."""

@@ -164,8 +164,10 @@ int iomux_enter(iomux_ring *r, const void *ops, unsigned nops, void *out, unsign
 iomux_streams *iomux_streams_new(iomux_ring *r, unsigned nbufs, unsigned bufsize,
                                  unsigned bgid, void *events, unsigned ev_cap,
                                  void *data, size_t data_cap, int guard, int incremental,
-                                 int *err);
+                                 int bundles, int *err);
 int iomux_streams_incremental(iomux_ring *r);
+int iomux_streams_bundles(iomux_ring *r);
+void iomux_streams_counts(iomux_ring *r, uint64_t *out);
 uint64_t iomux_stream_sent(iomux_ring *r, uint32_t slot);
 void iomux_ring_close(iomux_ring *r, int cancel);
 iomux_bufs *iomux_bufs_new(iomux_ring *r, unsigned bgid, unsigned nbufs, unsigned size,

@@ -33,6 +33,16 @@
 #ifndef IORING_CQE_F_BUF_MORE
 #define IORING_CQE_F_BUF_MORE (1U << 4)
 #endif
+/* Receive bundles (kernel 6.10): one receive fills as many provided buffers
+ * as the socket has bytes queued, the ring's next ones from its head, and
+ * its completion names the first; liburing 2.3 knows neither name.  Used
+ * with whole buffers only (see iomux_streams_new). */
+#ifndef IORING_RECVSEND_BUNDLE
+#define IORING_RECVSEND_BUNDLE (1U << 4)
+#endif
+#ifndef IORING_FEAT_RECVSEND_BUNDLE
+#define IORING_FEAT_RECVSEND_BUNDLE (1U << 14)
+#endif
 enum { SK_RECV = 1, SK_SEND = 2, SK_GUARD = 3, SK_CANCEL = 4, SK_ACCEPT = 5 };
 
 /* One record from Python (24 bytes).  Sends come apart, as (slot, length)
@@ -129,7 +139,9 @@ _Static_assert(sizeof(struct iomux_sev) == 16 && offsetof(struct iomux_sev, kind
 /* Bytes one connection receives into one batch of events, at most (a
  * completion that would pass it waits for the next batch): no connection
  * takes a whole iteration, and a protocol that writes what it reads learns
- * of its backlog before it has read much more. */
+ * of its backlog before it has read much more (the stream transports' read
+ * size).  A bundle receive asks for no more (sqe->len, the kernel's
+ * per-receive cap of a multishot receive). */
 #define SLOT_BATCH_LIMIT 65536
 /* Events, and SQEs, one stream record or completion can produce at most. */
 #define EVENTS_PER_CQE 3
@@ -159,6 +171,9 @@ struct iomux_streams {
     unsigned nbufs, bufsize, bmask, bgid;
     unsigned recycled;            /* buffers added since the last advance */
     uint32_t *boff;               /* incremental buffers: bytes of each taken so far (else NULL) */
+    uint16_t *bpos;               /* bundles: where in the ring each buffer was put (else NULL) */
+    unsigned recv_cap;            /* bundles: bytes one receive asks for at most (0: no cap) */
+    uint64_t receives, filled;    /* receive completions with bytes, and buffers they took */
     struct iomux_sev *ev;         /* the event array, ev_cap entries (Python's memory) */
     unsigned ev_cap, nev;
     unsigned call_ev;             /* events before this call's (maybe handed out already) */
@@ -237,6 +252,13 @@ static int arm_recv(iomux_ring *r, struct iomux_conn *c, uint32_t slot)
         io_uring_prep_recv(sqe, c->fd, NULL, 0, 0);
     else
         io_uring_prep_recv_multishot(sqe, c->fd, NULL, 0, 0);
+    /* Bundles for the multishot receive only: a one-shot bundle receive
+     * appends whatever more the socket holds to its completion, past any
+     * cap (its sqe->len caps only the first part). */
+    if (r->streams->bpos && !(c->flags & CF_GUARDED)) {
+        sqe->ioprio |= IORING_RECVSEND_BUNDLE;
+        sqe->len = r->streams->recv_cap;
+    }
     sqe->flags |= IOSQE_BUFFER_SELECT;
     sqe->buf_group = (uint16_t)r->streams->bgid;
     io_uring_sqe_set_data64(sqe, stream_ud(SK_RECV, slot));
@@ -698,6 +720,8 @@ out:
 
 static void recycle(struct iomux_streams *s, unsigned bid)
 {
+    if (s->bpos)
+        s->bpos[bid] = (uint16_t)(s->br->tail + s->recycled);
     io_uring_buf_ring_add(s->br, s->bufs + (size_t)bid * s->bufsize, s->bufsize,
                           (unsigned short)bid, (int)s->bmask, (int)s->recycled);
     s->recycled++;
@@ -723,6 +747,77 @@ static int stream_cqe_fits(iomux_ring *r, const struct io_uring_cqe *cqe)
     return 1;
 }
 
+/* Copy a receive's res bytes out of the provided buffers it filled into the
+ * data area (unless the slot is dying) and give back each buffer it used
+ * up.  The first is bid, from the bytes taken of it before (incremental
+ * buffers); a bundle goes on with the ring's next entries, which are the
+ * buffers put after it, as the kernel took them from the ring's head. */
+static void take_received(struct iomux_streams *s, struct iomux_conn *c, uint32_t slot,
+                          unsigned bid, int res)
+{
+    size_t left = res > 0 ? (size_t)res : 0;
+    size_t start = s->data_len;
+    uint16_t pos = s->bpos ? s->bpos[bid] : 0;
+    int deliver = !(c->flags & CF_DYING);
+
+    if (left == 0) {
+        /* A receive of nothing took nothing, whatever the flags say (kernels
+         * before the fix for liburing#1553 report the buffer as used up);
+         * a whole buffer goes back. */
+        if (!s->boff)
+            recycle(s, bid);
+        return;
+    }
+    s->receives++;
+    for (;;) {
+        uint32_t at = s->boff ? s->boff[bid] : 0;
+        size_t room = s->bufsize - at;
+        size_t n = left < room ? left : room;
+
+        if (deliver) {
+            memcpy(s->data + s->data_len, s->bufs + (size_t)bid * s->bufsize + at, n);
+            s->data_len += n;
+        }
+        left -= n;
+        s->filled++;
+        if (s->boff && n < room) {
+            /* Incremental: the rest of this buffer stays at the ring's head
+             * (the completion says IORING_CQE_F_BUF_MORE). */
+            s->boff[bid] = at + (uint32_t)n;
+            break;
+        }
+        if (s->boff)
+            s->boff[bid] = 0;
+        recycle(s, bid);
+        if (left == 0 || !s->bpos)
+            break;
+        pos++;
+        bid = s->br->bufs[pos & s->bmask].bid;
+        if (bid >= s->nbufs)
+            break; /* cannot happen: the ring holds only ids this code put there */
+    }
+    if (deliver && s->data_len > start) {
+        struct iomux_sev *last = s->nev > s->call_ev ? &s->ev[s->nev - 1] : NULL;
+        uint32_t got = (uint32_t)(s->data_len - start);
+
+        /* The connection's previous event of this call is the receive that
+         * ends where this one starts: extend it, so that Python makes one
+         * data_received call for both (a bulk transfer's completions come one
+         * buffer, or one bundle, at a time).  Only this call's: Python may
+         * have taken the earlier ones already. */
+        if (last && last->kind == IOMUX_SEV_DATA && last->slot == slot &&
+            (size_t)last->off + (size_t)last->res == start)
+            last->res += (int32_t)got;
+        else
+            emit(s, slot, IOMUX_SEV_DATA, (int32_t)got, (uint32_t)start);
+        if (c->batch_epoch != s->epoch) {
+            c->batch_epoch = s->epoch;
+            c->batch = 0;
+        }
+        c->batch += got;
+    }
+}
+
 /* Handle one completion of a stream operation. */
 static void stream_cqe(iomux_ring *r, const struct io_uring_cqe *cqe)
 {
@@ -738,44 +833,9 @@ static void stream_cqe(iomux_ring *r, const struct io_uring_cqe *cqe)
     c = &s->conns[slot];
     switch (kind) {
     case SK_RECV:
-        if (cqe->flags & IORING_CQE_F_BUFFER) {
-            unsigned bid = cqe->flags >> IORING_CQE_BUFFER_SHIFT;
-            uint32_t at = 0; /* where this receive's bytes start in the buffer */
-            int kept = 0;    /* the buffer stays the kernel's (incremental) */
-
-            if (s->boff && bid < s->nbufs) {
-                at = s->boff[bid];
-                /* A receive of nothing took nothing, whatever the flags say
-                 * (kernels before the fix for liburing#1553 report the
-                 * buffer as used up). */
-                kept = res <= 0 || (cqe->flags & IORING_CQE_F_BUF_MORE);
-                s->boff[bid] = kept ? at + (uint32_t)(res > 0 ? res : 0) : 0;
-            }
-            if (res > 0 && bid < s->nbufs && !(c->flags & CF_DYING)) {
-                struct iomux_sev *last = s->nev > s->call_ev ? &s->ev[s->nev - 1] : NULL;
-
-                memcpy(s->data + s->data_len, s->bufs + (size_t)bid * s->bufsize + at,
-                       (size_t)res);
-                /* The connection's previous event of this call is the receive
-                 * that ends where this one starts: extend it, so that Python
-                 * makes one data_received call for both (a bulk transfer's
-                 * completions come one buffer at a time).  Only this call's:
-                 * Python may have taken the earlier ones already. */
-                if (last && last->kind == IOMUX_SEV_DATA && last->slot == slot &&
-                    (size_t)last->off + (size_t)last->res == s->data_len)
-                    last->res += res;
-                else
-                    emit(s, slot, IOMUX_SEV_DATA, res, (uint32_t)s->data_len);
-                s->data_len += (size_t)res;
-                if (c->batch_epoch != s->epoch) {
-                    c->batch_epoch = s->epoch;
-                    c->batch = 0;
-                }
-                c->batch += (uint32_t)res;
-            }
-            if (bid < s->nbufs && !kept)
-                recycle(s, bid);
-        }
+        if ((cqe->flags & IORING_CQE_F_BUFFER) &&
+            (cqe->flags >> IORING_CQE_BUFFER_SHIFT) < s->nbufs)
+            take_received(s, c, slot, cqe->flags >> IORING_CQE_BUFFER_SHIFT, res);
         if (more)
             return;
         c->inflight--;
@@ -785,6 +845,13 @@ static void stream_cqe(iomux_ring *r, const struct io_uring_cqe *cqe)
         } else if (res == 0) {
             c->flags |= CF_ENDED;
             emit(s, slot, IOMUX_SEV_EOF, 0, 0);
+        } else if (res == -EINVAL && s->recv_cap) {
+            /* A kernel with bundles but without a multishot receive's cap
+             * (it takes sqe->len as an error): receives go uncapped from
+             * now on, whole bundles at a time (the data area holds them). */
+            s->recv_cap = 0;
+            if ((c->flags & CF_READING) && !(c->flags & CF_ENDED))
+                arm_recv(r, c, slot);
         } else if (res < 0 && res != -ENOBUFS && res != -ECANCELED) {
             c->flags |= CF_ENDED;
             emit(s, slot, IOMUX_SEV_ERROR, res, IOMUX_ERR_RECV);
@@ -886,7 +953,7 @@ static void stream_cqe(iomux_ring *r, const struct io_uring_cqe *cqe)
 static iomux_streams *iomux_streams_new(iomux_ring *r, unsigned nbufs, unsigned bufsize,
                                         unsigned bgid, void *events, unsigned ev_cap,
                                         void *data, size_t data_cap, int guard, int incremental,
-                                        int *err)
+                                        int bundles, int *err)
 {
     struct io_uring_buf_reg reg;
     uint16_t reg_flags = incremental ? IOU_PBUF_RING_INC : 0;
@@ -944,7 +1011,22 @@ static iomux_streams *iomux_streams_new(iomux_ring *r, unsigned nbufs, unsigned 
             ret = -ENOMEM;
         }
     }
+    /* Bundles only with whole buffers: where receives take part of a buffer
+     * (incremental), one already takes up to a whole big buffer, and bundles
+     * measured slower (bench/README.md).  And only where the data area holds
+     * every buffer: a completion that could never fit would stall its
+     * connection. */
+    if (ret == 0 && bundles && !s->boff && (r->ring.features & IORING_FEAT_RECVSEND_BUNDLE) &&
+        data_cap >= (size_t)nbufs * bufsize) {
+        s->bpos = malloc(nbufs * sizeof *s->bpos);
+        s->recv_cap = SLOT_BATCH_LIMIT;
+        if (!s->bpos) {
+            io_uring_unregister_buf_ring(&r->ring, (int)bgid);
+            ret = -ENOMEM;
+        }
+    }
     if (ret < 0) {
+        free(s->boff);
         munmap(s->br, s->br_bytes);
         free(s->bufs);
         free(s);
@@ -956,9 +1038,12 @@ static iomux_streams *iomux_streams_new(iomux_ring *r, unsigned nbufs, unsigned 
     s->bgid = bgid;
     s->bmask = (unsigned)io_uring_buf_ring_mask(nbufs);
     io_uring_buf_ring_init(s->br);
-    for (i = 0; i < nbufs; i++)
+    for (i = 0; i < nbufs; i++) {
         io_uring_buf_ring_add(s->br, s->bufs + (size_t)i * bufsize, bufsize, (unsigned short)i,
                               (int)s->bmask, (int)i);
+        if (s->bpos)
+            s->bpos[i] = (uint16_t)i;
+    }
     io_uring_buf_ring_advance(s->br, (int)nbufs);
     s->ev = events;
     s->ev_cap = ev_cap;
@@ -972,6 +1057,18 @@ static iomux_streams *iomux_streams_new(iomux_ring *r, unsigned nbufs, unsigned 
 
 /* Whether receives consume the provided buffers incrementally. */
 static int iomux_streams_incremental(iomux_ring *r) { return r->streams && r->streams->boff; }
+
+/* Whether receives fill several provided buffers at once (bundles). */
+static int iomux_streams_bundles(iomux_ring *r) { return r->streams && r->streams->bpos; }
+
+/* Receive completions that carried bytes, and the provided buffers they
+ * filled (a buffer an incremental receive took part of counts once per
+ * receive), since the connections were set up. */
+static void iomux_streams_counts(iomux_ring *r, uint64_t *out)
+{
+    out[0] = r->streams ? r->streams->receives : 0;
+    out[1] = r->streams ? r->streams->filled : 0;
+}
 
 /* The total bytes of slot the kernel confirmed sending. */
 static uint64_t iomux_stream_sent(iomux_ring *r, uint32_t slot)
@@ -998,6 +1095,7 @@ static void streams_free(iomux_ring *r, int ring_alive)
     free(s->conns);
     free(s->dirty);
     free(s->boff);
+    free(s->bpos);
     munmap(s->br, s->br_bytes);
     free(s->bufs);
     free(s);

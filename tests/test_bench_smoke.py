@@ -147,6 +147,20 @@ def test_syscalls(tmp_path: Path) -> None:
         assert result.get("per_request", 0) > 0, result
 
 
+@pytest.mark.skipif("io_uring" not in AVAILABLE, reason="io_uring is not available here")
+def test_receive(tmp_path: Path) -> None:
+    """Every configuration received every byte (the benchmark checks the count) and
+    reports its figures; whole buffers with bundles fill several per receive."""
+    data = run_bench(tmp_path, "receive")
+    assert len(data["medians"]) == 3
+    for key, m in data["medians"].items():
+        assert m["cpu_s_per_gib"] > 0 and m["gb_per_s"] > 0, key
+        if "bundles" in m["used"]:
+            assert m["buffers_per_receive"] > 1, (key, m)
+        else:
+            assert m["buffers_per_receive"] <= 2, (key, m)
+
+
 def test_wrk_parser() -> None:
     from iomux.bench.httpbench import parse_wrk
 

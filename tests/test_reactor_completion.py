@@ -345,12 +345,84 @@ def test_port_uses_incremental_buffers_where_the_kernel_has_them() -> None:
         port.close()
 
 
+def test_port_uses_receive_bundles_with_whole_buffers_where_the_kernel_has_them() -> None:
+    """Kernel 6.10+ lets one receive fill several provided buffers (bundles); iomux
+    asks for them with whole buffers (incremental ones already take up to 64 KiB
+    per receive) unless IOMUX_URING_DISABLE names them, and says so."""
+    major, minor = (int(part) for part in platform.release().split(".")[:2])
+    for incremental in (True, False):
+        port = Port(incremental=incremental)
+        try:
+            if port.port.incremental or "recv_bundles" in U.disabled_features():
+                assert not port.port.bundles
+            elif (major, minor) >= (6, 10):
+                assert port.port.bundles, "kernel 6.10+ should take IORING_RECVSEND_BUNDLE"
+        finally:
+            port.close()
+    port = Port()
+    try:
+        features = U.describe()["stream_features"]
+        assert ("recv_bundles" in features) == port.port.bundles  # type: ignore[operator]
+    finally:
+        port.close()
+
+
+@pytest.mark.parametrize("bundles", [True, False], ids=["bundles", "one-buffer-each"])
+def test_port_bundles_fill_several_buffers_per_receive(bundles: bool) -> None:
+    """4 MiB sent while the port does not poll, then received through 64 whole
+    buffers of 4 KiB: with bundles a receive fills many buffers (fewer completions),
+    without them one each; the bytes arrive whole and in order either way."""
+    port = Port(buffers=64, buffer_size=4096, incremental=False, bundles=bundles)
+    a, b = pair()
+    try:
+        if not bundles:
+            assert not port.port.bundles
+        elif not port.port.bundles:
+            pytest.fail("this kernel should take receive bundles (6.10+): see iomux info")
+        s = port.port.open(a.fileno())
+        payload = random.Random(4).randbytes(4 << 20)
+        sender = threading.Thread(target=lambda: (b.sendall(payload), b.shutdown(socket.SHUT_WR)))
+        sender.start()
+        time.sleep(0.05)  # the socket fills before the first receive
+        port.port.read(s)
+        port.until(lambda: C.EOF in port.kinds(s))
+        sender.join(TIMEOUT)
+        assert port.data(s) == payload
+        assert C.ERROR not in port.kinds(s)
+        receives, filled = port.port.receive_counts()
+        assert filled >= (4 << 20) // 4096
+        if bundles:
+            assert filled >= 4 * receives, f"{filled} buffers in {receives} receives"
+        else:
+            assert filled == receives, f"{filled} buffers in {receives} receives"
+        port.port.close(s)
+        port.until(lambda: C.CLOSED in port.kinds(s))
+    finally:
+        port.close()
+        a.close()
+        b.close()
+
+
+def test_port_asked_for_bundles_with_incremental_buffers_uses_neither_twice() -> None:
+    """Bundles are not used with incremental buffers, even when asked for: each
+    receive takes part of one buffer, counted once."""
+    port = Port(buffers=8, buffer_size=16384, incremental=True, bundles=True)
+    try:
+        assert not port.port.bundles
+    finally:
+        port.close()
+
+
+@pytest.mark.parametrize("bundles", [True, False], ids=["bundles", "one-buffer-each"])
 @pytest.mark.parametrize("incremental", [True, False], ids=["incremental", "whole-buffers"])
-def test_port_small_messages_of_many_connections_share_few_buffers(incremental: bool) -> None:
+def test_port_small_messages_of_many_connections_share_few_buffers(
+    incremental: bool, bundles: bool
+) -> None:
     """Sixteen peers send 200 messages of 1-300 bytes each, all at once, into four
     2 KiB buffers: with incremental buffers the connections' receives share a buffer
-    at moving offsets; either way every connection gets its bytes whole and in order."""
-    port = Port(buffers=4, buffer_size=2048, incremental=incremental)
+    at moving offsets (and a bundle's bytes run from one buffer into the next); every
+    way, every connection gets its bytes whole and in order."""
+    port = Port(buffers=4, buffer_size=2048, incremental=incremental, bundles=bundles)
     pairs = [pair() for _ in range(16)]
     try:
         if not incremental:

@@ -726,3 +726,24 @@ def test_force_fail_flags_falls_back_and_works(monkeypatch: pytest.MonkeyPatch) 
 def test_force_fail_unknown_value(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IOMUX_URING_FORCE_FAIL", "bogus")
     assert "IOMUX_URING_FORCE_FAIL" in str(U.probe())
+
+
+def test_every_optional_feature_can_be_turned_off_and_tox_runs_the_fallback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """IOMUX_URING_DISABLE naming every feature leaves none in use (``iomux info``
+    says so), an unknown name is an error that lists the known ones, and tox's
+    ``fallback`` environment names them all, so each fallback runs the suites."""
+    _require_uring()
+    monkeypatch.setenv("IOMUX_URING_DISABLE", ",".join(U.FEATURES))
+    described = U.describe()
+    assert described["ring_features"] == [] and described["stream_features"] == []
+    monkeypatch.setenv("IOMUX_URING_DISABLE", "registered_ring,bogus")
+    with pytest.raises(ValueError, match=r"bogus.*known: registered_ring"):
+        U.disabled_features()
+    tox_ini = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tox.ini")
+    with open(tox_ini, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip().startswith("IOMUX_URING_DISABLE")]
+    assert len(lines) == 1, lines
+    named = {name.strip() for name in lines[0].split("=", 1)[1].split(",")}
+    assert named == set(U.FEATURES)
