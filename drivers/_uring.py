@@ -1302,7 +1302,7 @@ class StreamPort(_port.CompletionPort):
     receive fill as many buffers as the socket has bytes for, up to 64 KiB
     (kernel 6.10+; with whole buffers only, since an incremental receive
     already takes up to a whole big buffer and bundles measured slower
-    there; and only where the data area, by default as big as all the
+    there; and only where the data area, by default then as big as all the
     buffers, holds them all). ``guard`` arms
     a poll per connection that restarts a receive that missed the peer's
     end (a kernel race).
@@ -1336,7 +1336,9 @@ class StreamPort(_port.CompletionPort):
             buffers = WHOLE_BUFFERS[0] if buffers is None else buffers
             buffer_size = WHOLE_BUFFERS[1] if buffer_size is None else buffer_size
         if data_size is None:
-            data_size = max(1 << 20, buffers * buffer_size)
+            # Room for every buffer where bundles may be used (whole buffers).
+            whole = bundles and not incremental
+            data_size = max(1 << 20, buffers * buffer_size) if whole else 1 << 20
         self._ring = ring
         self._submitter = submitter
         self._ev = _ffi.new("char[]", events * SEV.size)
