@@ -1,9 +1,14 @@
-"""setuptools glue: adds the optional cffi extension ``iomux.drivers._liburing``.
+"""setuptools glue: adds the optional C extensions.
 
-Everything else about the package is declared in ``pyproject.toml``.  The
-extension is optional: without liburing's headers (or with a liburing older
-than 2.3) the build warns and goes on, and iomux installs with its other
-drivers; the io_uring driver then reports why it is unavailable.
+Everything else about the package is declared in ``pyproject.toml``.
+
+- ``iomux.drivers._liburing`` (cffi): without liburing's headers (or with a
+  liburing older than 2.3) the build warns and goes on, and iomux installs
+  with its other drivers; the io_uring driver then reports why it is
+  unavailable.
+- ``iomux.reactor._speedups`` (the completion loop's event dispatch, plain
+  C against Python's API): without a compiler the loop runs the same
+  dispatch in Python.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import sys
 import warnings
 from typing import Any
 
-from setuptools import setup  # type: ignore[import-untyped,unused-ignore]
+from setuptools import Extension, setup  # type: ignore[import-untyped,unused-ignore]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,5 +44,8 @@ def uring_extension() -> Any:
     return ext
 
 
+_speedups = Extension(
+    "iomux.reactor._speedups", [os.path.join("iomux", "reactor", "_speedups.c")], optional=True
+)
 _ext = uring_extension() if sys.platform.startswith("linux") else None
-setup(ext_modules=[_ext] if _ext is not None else [])
+setup(ext_modules=[_speedups] + ([_ext] if _ext is not None else []))

@@ -179,6 +179,18 @@ def server_specs(
                     )
                 else:
                     notes.append("iomux-io_uring-readiness: `serve --help` shows no readiness mode")
+                # The same server dispatching completions in Python instead of
+                # with the C dispatcher: what the dispatcher saves, in one run.
+                specs.append(
+                    ServerSpec(
+                        "iomux-io_uring-pydispatch",
+                        base,
+                        "iomux",
+                        info.name,
+                        cap,
+                        env={"IOMUX_SPEEDUPS": "0"},
+                    )
+                )
     else:
         notes.append("iomux reactor: `iomux.serve` is not in this installation yet")
     before: list[ServerSpec] = []  # asyncio-loop servers listed before the stock peers

@@ -55,6 +55,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from iomux.completion import EVENT_RECORD
 from iomux.errors import ForkedError, MultiplexerClosed
 
 __all__ = [
@@ -134,8 +135,9 @@ CQE_SIZE = CQE.size
 #: One stream record (24 bytes): kind, slot, argument, sends before it, length (SEND).
 #: See ``_uring_streams.c``.
 SOP = struct.Struct("=IIQII")
-#: One stream event (16 bytes): slot, kind, result, offset.
-SEV = struct.Struct("=IIiI")
+#: One stream event (16 bytes): slot, kind, result, offset (the completion
+#: contract's packed event record).
+SEV = EVENT_RECORD
 
 
 def _check_layouts() -> None:
@@ -1552,6 +1554,12 @@ class StreamPort(_port.CompletionPort):
         if taken == nev:
             return (), self.data
         return _sev_iter(self._evview[taken * 16 : nev * 16]), self.data
+
+    def packed_events(self) -> tuple[memoryview, Any]:
+        """The events since the last call as packed records (a view valid until the next poll)."""
+        taken, nev = self._taken, self._nev
+        self._taken = nev
+        return self._evview[taken * 16 : nev * 16], self.data
 
     # -- file operations ----------------------------------------------------------
 

@@ -34,6 +34,7 @@ from iomux.completion import CompletionPort
 from iomux.multiplexer import Multiplexer
 
 from .readiness import _OUT_OF_RESOURCES, _TRANSIENT, ACCEPT_BATCH, AcceptBackoff
+from .speedups import speedups
 from .transport import StreamTransport
 
 if TYPE_CHECKING:
@@ -77,6 +78,10 @@ def _data_received_of(protocol: Any) -> Callable[[Any, bytes], object]:
     return func  # type: ignore[no-any-return]
 
 
+def _data_received_failed(transport: CompletionStreamTransport, exc: BaseException) -> None:
+    transport._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+
+
 def _error(res: int) -> OSError:
     """The OSError subclass for a negative result."""
     return OSError(-res, os.strerror(-res))
@@ -104,6 +109,14 @@ class CompletionIO:
         self._orphans: dict[int, int] = {}
         #: Set when the loop closed (the ring, and every operation, went with it).
         self.closed = False
+        #: The data area of the events being dispatched.
+        self._data: Any = b""
+        self._dispatcher: Callable[[Any, Any], None] | None = None
+        built = speedups()
+        if built is not None:
+            self._dispatcher = built.Dispatcher(
+                CompletionStreamTransport, self._slots, self._handle, _data_received_failed
+            )
 
     def port(self) -> CompletionPort:
         """The driver's completion port (asked for on first use)."""
@@ -172,53 +185,57 @@ class CompletionIO:
         return CompletionListener(self, server, sock)
 
     def dispatch(self) -> None:
-        """Handle the port's events of the last ``poll()``: one step each."""
+        """Handle the port's events of the last ``poll()``: one step each, in order."""
         port = self._port
         if port is None:
             return
-        events, data_area = port.events()
-        data: Any = data_area
-        slots = self._slots
-        loop = self._loop
-        for slot, kind, res, off in events:
-            owner = slots[slot]
-            if owner is None:
-                self._unowned(slot, kind, res)
-                continue
-            try:
-                if kind == _DATA and owner._reading:
-                    if (deadlines := owner._deadlines) is not None:
-                        deadlines.last_io = loop.time()
-                    if owner._buffered:
-                        owner._feed_buffered(data[off : off + res])
-                    else:
-                        owner._context.run(
-                            owner._data_received, owner._protocol, data[off : off + res]
-                        )
-                elif kind == _DATA:
-                    owner._hold(data[off : off + res])
-                else:
-                    owner._event(kind, res, off)
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                if kind == _DATA and isinstance(owner, CompletionStreamTransport):
-                    owner._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
-                else:
-                    loop.call_exception_handler(
-                        {
-                            "message": f"exception handling a completion of {owner!r}",
-                            "exception": exc,
-                        }
-                    )
+        dispatcher = self._dispatcher
+        if dispatcher is not None:
+            records, self._data = port.packed_events()
+            if records:
+                dispatcher(records, self._data)
+        else:
+            events, self._data = port.events()
+            handle = self._handle
+            for slot, kind, res, off in events:
+                handle(slot, kind, res, off)
         try:
             port.run_done()  # file operations' callbacks
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
-            loop.call_exception_handler(
+            self._loop.call_exception_handler(
                 {"message": "exception in a file operation's callback", "exception": exc}
             )
+
+    def _handle(self, slot: int, kind: int, res: int, off: int) -> None:
+        """One event (the C dispatcher's fast path does most ``DATA`` events itself)."""
+        owner = self._slots[slot]
+        if owner is None:
+            self._unowned(slot, kind, res)
+            return
+        try:
+            if kind == _DATA and owner._reading:
+                if (deadlines := owner._deadlines) is not None:
+                    deadlines.last_io = self._loop.time()
+                data = self._data[off : off + res]
+                if owner._buffered:
+                    owner._feed_buffered(data)
+                else:
+                    owner._context.run(owner._data_received, owner._protocol, data)
+            elif kind == _DATA:
+                owner._hold(self._data[off : off + res])
+            else:
+                owner._event(kind, res, off)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            if kind == _DATA and isinstance(owner, CompletionStreamTransport):
+                _data_received_failed(owner, exc)
+            else:
+                self._loop.call_exception_handler(
+                    {"message": f"exception handling a completion of {owner!r}", "exception": exc}
+                )
 
     def submit(self) -> None:
         """Hand queued requests to the kernel now (a host loop is about to wait)."""

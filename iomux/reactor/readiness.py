@@ -48,6 +48,7 @@ from iomux.multiplexer import Multiplexer, Trigger
 
 from .base import aio_logger
 from .network import NetworkReactor
+from .speedups import speedups
 from .transport import FlowControlMixin, StreamTransport
 
 if TYPE_CHECKING:
@@ -73,6 +74,16 @@ _os_write = os.write
 _SendfileMode = aio_constants._SendfileMode
 #: A stream transport's write buffer while nothing waits (immutable: shared).
 _NO_BUFFER = b""
+
+
+def _read_failed(transport: ReadinessStreamTransport, exc: BaseException) -> None:
+    transport._fatal_error(exc, "Fatal read error on socket transport")
+
+
+def _data_received_failed(transport: ReadinessStreamTransport, exc: BaseException) -> None:
+    transport._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+
+
 # asyncio 3.13 sends empty datagrams; earlier versions drop them.
 _EMPTY_DATAGRAMS_DROPPED = sys.version_info < (3, 13)
 # asyncio 3.13 counts 8 header bytes per queued datagram.
@@ -140,6 +151,16 @@ class ReadinessReactor(NetworkReactor):
             )
         self._edge = trigger is Trigger.EDGE
         self._watches: dict[int, _Watch] = {}
+        built = speedups()
+        self._ready_dispatcher: Callable[[Any], None] | None = None
+        if built is not None:
+            self._ready_dispatcher = built.ReadyDispatcher(
+                ReadinessStreamTransport,
+                self._handle_ready,
+                _read_failed,
+                _data_received_failed,
+                READ_SIZE,
+            )
         # fds a transport lends to the sock_* methods meanwhile (sendfile).
         self._lent_fds: set[int] = set()
 
@@ -154,15 +175,24 @@ class ReadinessReactor(NetworkReactor):
         # What the loop registers with the multiplexer is the object that
         # handles the fd's events (a watch, a listener, a transport): it is
         # told with its _on_event(mask), so no bound method is kept per fd.
-        for _fd, mask, target in self._mux.ready(timeout):
-            try:
-                target._on_event(mask)
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                self.call_exception_handler(
-                    {"message": f"exception handling I/O of {target!r}", "exception": exc}
-                )
+        ready = self._mux.ready(timeout)
+        dispatcher = self._ready_dispatcher
+        if dispatcher is not None:
+            dispatcher(ready)  # plain stream transports' reads in C, the rest in _handle_ready
+            return
+        handle = self._handle_ready
+        for _fd, mask, target in ready:
+            handle(target, mask)
+
+    def _handle_ready(self, target: Any, mask: int) -> None:
+        try:
+            target._on_event(mask)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self.call_exception_handler(
+                {"message": f"exception handling I/O of {target!r}", "exception": exc}
+            )
 
     def _wake(self) -> None:
         self._mux.wakeup()

@@ -1,0 +1,29 @@
+"""The loop's event dispatch in C (``iomux.reactor._speedups``), where it was built.
+
+The completion and readiness I/O each hand one iteration's events to a C
+dispatcher, which makes the one Python call per received message itself
+(``protocol.data_received``) and passes every other event, in order, to
+the same Python code that runs when the extension is absent. Setting
+``IOMUX_SPEEDUPS=0`` makes a new loop use that Python code throughout,
+to compare the two or to rule the extension out.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+#: The environment variable that turns the C dispatch off (``0``).
+SPEEDUPS_ENV = "IOMUX_SPEEDUPS"
+
+try:
+    from . import _speedups as _built
+except ImportError:  # built without a C compiler: the loop dispatches in Python
+    _built = None  # type: ignore[assignment]
+
+
+def speedups() -> ModuleType | None:
+    """The C dispatch module, or None where it is not built or ``IOMUX_SPEEDUPS=0``."""
+    if _built is None or os.environ.get(SPEEDUPS_ENV, "1").strip() == "0":
+        return None
+    return _built
