@@ -40,9 +40,9 @@ def test_iomux_speedups_0_turns_the_c_dispatch_off(monkeypatch: pytest.MonkeyPat
 # --- the dispatcher on its own --------------------------------------------------------
 
 try:
-    from iomux.reactor._speedups import Dispatcher, ReadyDispatcher
+    from iomux.reactor._speedups import Dispatcher, ReadyDispatcher, WriteMethod
 except ImportError:  # reported by test_the_c_dispatcher_is_built_here
-    Dispatcher = ReadyDispatcher = None  # type: ignore[assignment,misc]
+    Dispatcher = ReadyDispatcher = WriteMethod = None  # type: ignore[assignment,misc]
 
 needs_dispatcher = pytest.mark.skipif(Dispatcher is None, reason="the C dispatcher is not built")
 current = contextvars.ContextVar("current", default="none")
@@ -398,6 +398,121 @@ def test_ready_dispatcher_refuses_bad_arguments_with_what_was_wrong() -> None:
         dispatch([(1, 2)])
     with pytest.raises(TypeError, match="must be a sequence"):
         dispatch(5)
+
+
+class Writer:
+    """The attributes the write method reads, as a readiness transport has them."""
+
+    __slots__ = ("_buffer", "_conn_lost", "_deadlines", "_empty_waiter", "_eof", "_sock_fd")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._buffer: bytes | bytearray = b""
+        self._conn_lost = 0
+        self._eof = False
+        self._empty_waiter: object = None
+        self._deadlines: object = None
+        self._sock_fd = sock.fileno()
+
+
+class WriteLog(Log):
+    def slow(self, transport: Any, data: Any) -> None:
+        self.calls.append(("slow", transport, bytes(data)))
+
+    def rest(self, transport: Any, data: bytes, sent: int) -> None:
+        self.calls.append(("rest", transport, len(data), sent))
+        transport._buffer = bytearray(data[sent:])
+
+
+def writing(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> tuple[WriteLog, socket.socket, socket.socket, Writer, Any]:
+    """A log, a socket pair, a Writer over the first socket, and a WriteMethod for Writer."""
+    log = WriteLog()
+    sock, peer = pair(pairs)
+    return log, sock, peer, Writer(sock), WriteMethod(Writer, log.slow, log.rest, log.failed)
+
+
+@needs_dispatcher
+def test_write_method_sends_at_once_and_hands_on_the_rest(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    log, a, peer, writer, write = writing(pairs)
+    write(writer, b"hello")  # nothing buffered: straight to the socket
+    assert peer.recv(10) == b"hello" and log.calls == []
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    big = b"x" * (1 << 20)
+    write(writer, big)  # more than the socket takes
+    assert log.calls[0][:3] == ("rest", writer, len(big)) and 0 < log.calls[0][3] < len(big)
+    write(writer, b"more")  # something is buffered now: Python's write
+    write(writer, bytearray(b"ba"))  # not bytes
+    write(writer, b"")
+    assert log.calls[1:] == [
+        ("slow", writer, b"more"),
+        ("slow", writer, b"ba"),
+        ("slow", writer, b""),
+    ]
+
+
+@needs_dispatcher
+def test_write_method_hands_a_full_socket_and_a_dead_peer_to_python(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    log, a, _, writer, write = writing(pairs)
+    try:
+        while True:
+            a.send(b"y" * 65536)
+    except BlockingIOError:
+        pass
+    write(writer, b"z" * 10)  # the socket takes nothing
+    assert log.calls == [("rest", writer, 10, 0)]
+    b, b_peer = pair(pairs)
+    b_peer.close()
+    dead = Writer(b)
+    write(dead, b"q")
+    assert [c[:2] for c in log.calls[1:]] == [("failed", dead)]
+    assert isinstance(log.calls[1][2], (BrokenPipeError, ConnectionResetError))
+
+
+@needs_dispatcher
+def test_write_method_is_a_method_and_leaves_other_states_to_python(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    log, a, peer, _, _ = writing(pairs)
+
+    class Transport(Writer):
+        __slots__ = ()
+        write: Any = None
+
+    method = WriteMethod(Transport, log.slow, log.rest, log.failed)
+    Transport.write = method
+    assert Transport.write is method
+    t = Transport(a)
+    t.write(b"one")  # bound, called the usual way
+    bound = t.write
+    bound(b"two")
+    assert peer.recv(10) == b"onetwo" and log.calls == []
+    for attr, value in [
+        ("_eof", True),
+        ("_conn_lost", 1),
+        ("_empty_waiter", object()),
+        ("_deadlines", object()),
+    ]:
+        state = Transport(a)
+        setattr(state, attr, value)
+        state.write(b"s")
+        assert log.calls[-1] == ("slow", state, b"s"), attr
+
+    class Sub(Transport):
+        __slots__ = ()
+
+    sub = Sub(a)
+    sub.write(b"u")
+    assert log.calls[-1] == ("slow", sub, b"u")
+    peer.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        peer.recv(10)  # none of those reached the socket: Python's write (logged) had them
+    with pytest.raises(TypeError, match=r"write\(transport, data\): wrong arguments"):
+        method(t)
 
 
 # --- the loop, with either dispatch -------------------------------------------------------

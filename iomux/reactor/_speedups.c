@@ -15,6 +15,9 @@
  * a readable plain stream transport it reads the socket once and calls
  * data_received, what the transport's _on_event would do in Python; any
  * other event goes to the transport's _on_event through the handler.
+ * WriteMethod is a readiness stream transport's write(): where nothing
+ * waits to be sent, it writes the bytes to the socket at once, and hands
+ * what the socket did not take, and every other case, to Python.
  *
  * The transports' attributes are read at the offsets of their class's
  * __slots__ member descriptors, and only for objects of exactly that
@@ -77,7 +80,13 @@ static const char *const ready_attrs[R_COUNT] = {
     "_closing", "_paused", "_read_eof", "_edge", "_buffered",
     "_deadlines", "_sock_fd", "_context", "_protocol",
 };
-_Static_assert(C_COUNT <= MAX_ATTRS && R_COUNT <= MAX_ATTRS, "MAX_ATTRS");
+/* WriteMethod (a readiness transport's write): refs and attributes. */
+enum { W_SLOW, W_REST, W_FAILED };
+enum { W_BUFFER, W_CONN_LOST, W_EOF, W_EMPTY_WAITER, W_DEADLINES, W_SOCK_FD, W_COUNT };
+static const char *const write_attrs[W_COUNT] = {
+    "_buffer", "_conn_lost", "_eof", "_empty_waiter", "_deadlines", "_sock_fd",
+};
+_Static_assert(C_COUNT <= MAX_ATTRS && R_COUNT <= MAX_ATTRS && W_COUNT <= MAX_ATTRS, "MAX_ATTRS");
 
 static inline PyObject *slot_value(PyObject *obj, Py_ssize_t offset) {
     return *(PyObject **)((char *)obj + offset);
@@ -210,6 +219,7 @@ static int check_call(Dispatcher *self, size_t nargsf, PyObject *kwnames, Py_ssi
 }
 
 static PyObject *dispatcher_new(PyTypeObject *type, PyObject *args, PyObject *kwds);
+static PyTypeObject WriteMethodType;
 
 /* -- completion ------------------------------------------------------------------ */
 
@@ -419,6 +429,103 @@ static PyObject *ready_call(Dispatcher *self, PyObject *const *args, size_t narg
     return ret;
 }
 
+/* -- a readiness transport's write() ---------------------------------------------- */
+
+static int write_init(Dispatcher *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"cls", "slow", "rest", "failed", NULL};
+    PyObject *cls, *refs[3];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OOO:WriteMethod", kwlist, &PyType_Type, &cls,
+                                     &refs[W_SLOW], &refs[W_REST], &refs[W_FAILED]))
+        return -1;
+    return setup(self, cls, write_attrs, W_COUNT, refs, 3, W_SLOW, "WriteMethod");
+}
+
+/* write(transport, data) where nothing waits to be sent: 1 done; 0 for the
+ * Python write; -1 an exception to propagate. */
+static int write_now(Dispatcher *self, PyObject *transport, PyObject *data) {
+    const Py_ssize_t *at = self->offset;
+    PyObject *buffer = slot_value(transport, at[W_BUFFER]);
+    PyObject *conn_lost = slot_value(transport, at[W_CONN_LOST]);
+    PyObject *fdobj = slot_value(transport, at[W_SOCK_FD]);
+    Py_ssize_t len = PyBytes_GET_SIZE(data);
+    if (len == 0 || buffer == NULL || conn_lost == NULL || fdobj == NULL ||
+        !PyLong_CheckExact(fdobj) || slot_value(transport, at[W_EOF]) != Py_False ||
+        slot_value(transport, at[W_EMPTY_WAITER]) != Py_None ||
+        slot_value(transport, at[W_DEADLINES]) != Py_None)
+        return 0;
+    /* Nothing buffered (the shared b"" or an empty bytearray), no loss. */
+    if ((PyBytes_CheckExact(buffer) ? PyBytes_GET_SIZE(buffer)
+         : PyByteArray_CheckExact(buffer) ? PyByteArray_GET_SIZE(buffer)
+                                          : 1) != 0 ||
+        !PyLong_CheckExact(conn_lost) || PyObject_IsTrue(conn_lost) != 0)
+        return 0;
+    long fd = PyLong_AsLong(fdobj);
+    if (fd < 0 || fd > INT32_MAX)
+        return PyErr_Occurred() ? -1 : 0;
+    ssize_t n = write((int)fd, PyBytes_AS_STRING(data), (size_t)len);
+    if (n == len)
+        return 1;
+    if (n < 0) {
+        int err = errno;
+        if (err == EINTR && PyErr_CheckSignals() < 0)
+            return report_failure(self->refs[W_FAILED], transport) < 0 ? -1 : 1;
+        if (err != EAGAIN && err != EWOULDBLOCK && err != EINTR) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return report_failure(self->refs[W_FAILED], transport) < 0 ? -1 : 1;
+        }
+        n = 0; /* the socket is full: buffer it all */
+    }
+    /* rest(transport, data, sent): buffer what the socket did not take. */
+    PyObject *sent = PyLong_FromSsize_t(n);
+    if (sent == NULL)
+        return -1;
+    PyObject *args[3] = {transport, data, sent};
+    PyObject *result = PyObject_Vectorcall(self->refs[W_REST], args, 3, NULL);
+    Py_DECREF(sent);
+    if (result == NULL)
+        return -1;
+    Py_DECREF(result);
+    return 1;
+}
+
+static PyObject *write_call(Dispatcher *self, PyObject *const *args, size_t nargsf,
+                            PyObject *kwnames) {
+    if (check_call(self, nargsf, kwnames, 2, "write(transport, data)") < 0)
+        return NULL;
+    int rc = 0;
+    if (Py_IS_TYPE(args[0], self->cls) && PyBytes_CheckExact(args[1])) {
+        Py_INCREF(args[0]);
+        rc = write_now(self, args[0], args[1]);
+        Py_DECREF(args[0]);
+    }
+    if (rc < 0)
+        return NULL;
+    if (rc == 0)
+        return PyObject_Vectorcall(self->refs[W_SLOW], args, 2, NULL);
+    Py_RETURN_NONE;
+}
+
+/* As a class attribute it is a method: transport.write is bound to the transport. */
+static PyObject *write_get(PyObject *self, PyObject *obj, PyObject *type) {
+    if (obj == NULL || obj == Py_None) {
+        Py_INCREF(self);
+        return self;
+    }
+    return PyMethod_New(self, obj);
+}
+
+static PyObject *write_doc(Dispatcher *self, void *closure) {
+    if (self->refs[W_SLOW] == NULL)
+        Py_RETURN_NONE;
+    return PyObject_GetAttrString(self->refs[W_SLOW], "__doc__");
+}
+
+static PyGetSetDef write_getset[] = {
+    {"__doc__", (getter)write_doc, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 /* -- the types and the module ------------------------------------------------------ */
 
 /* The two types differ in their name, doc and __init__ (and their call). */
@@ -446,11 +553,18 @@ static PyTypeObject ReadyDispatcherType = DISPATCHER_TYPE(
     "Multiplexer.ready() list to dispatch one iteration's readiness events in order.",
     ready_init);
 
+static PyTypeObject WriteMethodType = DISPATCHER_TYPE(
+    "WriteMethod",
+    "WriteMethod(cls, slow, rest, failed): a readiness stream transport's write() as a method "
+    "of cls (see iomux.reactor.readiness).",
+    write_init);
+
 static PyObject *dispatcher_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     Dispatcher *self = (Dispatcher *)PyType_GenericNew(type, args, kwds);
     if (self != NULL)
         self->vectorcall = (vectorcallfunc)(type == &ReadyDispatcherType ? ready_call
-                                                                          : completion_call);
+                                            : type == &WriteMethodType   ? write_call
+                                                                         : completion_call);
     return (PyObject *)self;
 }
 
@@ -473,11 +587,15 @@ static int add_type(PyObject *m, const char *name, PyTypeObject *type) {
 }
 
 PyMODINIT_FUNC PyInit__speedups(void) {
+    WriteMethodType.tp_flags |= Py_TPFLAGS_METHOD_DESCRIPTOR;
+    WriteMethodType.tp_descr_get = write_get;
+    WriteMethodType.tp_getset = write_getset;
     PyObject *m = PyModule_Create(&speedups_module);
     if (m == NULL)
         return NULL;
     if (add_type(m, "Dispatcher", &DispatcherType) < 0 ||
         add_type(m, "ReadyDispatcher", &ReadyDispatcherType) < 0 ||
+        add_type(m, "WriteMethod", &WriteMethodType) < 0 ||
         PyModule_AddIntConstant(m, "RECORD_SIZE", (long)sizeof(struct event_record)) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -27,3 +27,16 @@ class ReadyDispatcher:
         read_size: int,
     ) -> None: ...
     def __call__(self, events: Any, /) -> None: ...
+
+class WriteMethod:
+    """A readiness stream transport's ``write()`` (see ``_speedups.c``)."""
+
+    def __init__(
+        self,
+        cls: type,
+        slow: Callable[[Any, Any], None],
+        rest: Callable[[Any, bytes, int], None],
+        failed: Callable[[Any, BaseException], object],
+    ) -> None: ...
+    def __call__(self, transport: Any, data: Any, /) -> None: ...
+    def __get__(self, obj: Any, owner: type | None = None) -> Any: ...

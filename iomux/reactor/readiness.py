@@ -859,7 +859,11 @@ class ReadinessStreamTransport(StreamTransport):
                 deadlines.last_io = self._loop.time()
             if n == len(data):
                 return
-        self._buffer = bytearray(memoryview(data)[n:])
+        self._buffer_rest(data, n)
+
+    def _buffer_rest(self, data: bytes, sent: int) -> None:
+        """The socket took ``sent`` bytes of ``data`` (with nothing buffered): keep the rest."""
+        self._buffer = bytearray(memoryview(data)[sent:])
         self._update()
         self._maybe_pause_protocol()
 
@@ -1026,6 +1030,25 @@ class ReadinessStreamTransport(StreamTransport):
                 self._update()
             if resume:
                 self.resume_reading()
+
+
+def _write_failed(transport: ReadinessStreamTransport, exc: BaseException) -> None:
+    transport._fatal_error(exc, "Fatal write error on socket transport")
+
+
+# write() in C where built: the same fast path, without a Python frame per
+# message (the choice is made once, when this module is imported).
+if (_built := speedups()) is not None:
+    setattr(  # noqa: B010 - the method is replaced; mypy refuses assigning to one
+        ReadinessStreamTransport,
+        "write",
+        _built.WriteMethod(
+            ReadinessStreamTransport,
+            ReadinessStreamTransport.write,
+            ReadinessStreamTransport._buffer_rest,
+            _write_failed,
+        ),
+    )
 
 
 class DatagramTransport(FlowControlMixin, asyncio.DatagramTransport):
