@@ -462,6 +462,31 @@ def test_port_small_messages_of_many_connections_share_few_buffers(
             b.close()
 
 
+def test_port_packed_events_are_the_events_as_records(port: Port) -> None:
+    # The port's own view and the contract's default (which packs events())
+    # give the same records: the C dispatcher reads either.
+    a, b = pair()
+    c, d = pair()
+    with a, b, c, d:
+        slots = {port.port.open(a.fileno()): b"one", port.port.open(c.fileno()): b"two"}
+        for slot in slots:
+            port.port.read(slot)
+        for take in (C.CompletionPort.packed_events, type(port.port).packed_events):
+            b.send(b"one")
+            d.send(b"two")
+            got: dict[int, bytes] = {}
+            deadline = time.monotonic() + TIMEOUT
+            while len(got) < 2 and time.monotonic() < deadline:
+                port.mux.poll(0.01)
+                records, data = take(port.port)
+                assert len(records) % C.EVENT_RECORD.size == 0
+                for slot, kind, res, off in C.EVENT_RECORD.iter_unpack(records):
+                    assert kind == C.DATA
+                    got[slot] = bytes(memoryview(data)[off : off + res])  # type: ignore[arg-type]
+            assert got == slots, take
+            assert port.port.events()[0] == ()  # taken by packed_events
+
+
 def test_port_long_and_short_sends_keep_their_order(port: Port) -> None:
     """Sends shorter than stage_max go through the stage, longer ones are records that
     point at the caller's bytes: mixed, they reach the peer in the order sent."""

@@ -168,18 +168,35 @@ static int report_failure(PyObject *failed, PyObject *owner) {
     return 0;
 }
 
-/* data_received(data) of owner's protocol, in owner's context: func(protocol,
- * data) where func is given, else protocol.<name>(data); takes the reference
- * to data. A failure goes to report_failure. 1: done; -1: an exception to
- * propagate. */
-static int data_received(PyObject *failed, PyObject *owner, PyObject *context, PyObject *func,
-                         PyObject *name, PyObject *protocol, PyObject *data) {
-    /* The call may close the transport, drop it from its slot, or change
-     * its protocol: hold what it runs with until it returns. */
+/* The attributes a call runs with, held from before the bytes are made
+ * until it returns: it may close the transport, drop it from its slot, or
+ * change its protocol. */
+struct held {
+    PyObject *owner, *context, *func, *protocol;
+};
+
+static inline struct held hold(PyObject *owner, PyObject *context, PyObject *func,
+                               PyObject *protocol) {
     Py_INCREF(owner);
     Py_INCREF(context);
     Py_XINCREF(func);
     Py_INCREF(protocol);
+    return (struct held){owner, context, func, protocol};
+}
+
+static inline void release(struct held *h) {
+    Py_DECREF(h->protocol);
+    Py_XDECREF(h->func);
+    Py_DECREF(h->context);
+    Py_DECREF(h->owner);
+}
+
+/* data_received(data) of the held protocol, in the held context:
+ * func(protocol, data) where func is given, else protocol.<name>(data).
+ * Takes the references of h and data. A failure goes to report_failure.
+ * 1: done; -1: an exception to propagate. */
+static int data_received(PyObject *failed, struct held *h, PyObject *name, PyObject *data) {
+    PyObject *owner = h->owner, *context = h->context, *func = h->func, *protocol = h->protocol;
     PyObject *result = NULL;
     if (PyContext_Enter(context) == 0) {
         PyObject *args[3] = {NULL, protocol, data};
@@ -197,10 +214,7 @@ static int data_received(PyObject *failed, PyObject *owner, PyObject *context, P
     else if (report_failure(failed, owner) < 0)
         rc = -1;
     Py_DECREF(data);
-    Py_DECREF(protocol);
-    Py_XDECREF(func);
-    Py_DECREF(context);
-    Py_DECREF(owner);
+    release(h);
     return rc;
 }
 
@@ -262,10 +276,13 @@ static int deliver_data(Dispatcher *self, PyObject *owner, const struct event_re
         !PyContext_CheckExact(context) || func == NULL || func == Py_None || protocol == NULL ||
         ev->res < 0 || (Py_ssize_t)ev->off + ev->res > area_len)
         return 0;
+    struct held h = hold(owner, context, func, protocol);
     PyObject *data = PyBytes_FromStringAndSize(area + ev->off, ev->res);
-    if (data == NULL)
+    if (data == NULL) {
+        release(&h);
         return -1;
-    return data_received(self->refs[C_FAILED], owner, context, func, NULL, protocol, data);
+    }
+    return data_received(self->refs[C_FAILED], &h, NULL, data);
 }
 
 static PyObject *completion_call(Dispatcher *self, PyObject *const *args, size_t nargsf,
@@ -357,13 +374,17 @@ static int ready_read(Dispatcher *self, PyObject *target) {
     long fd = PyLong_AsLong(fdobj);
     if (fd < 0 || fd > INT32_MAX)
         return PyErr_Occurred() ? -1 : 0;
+    struct held h = hold(target, context, NULL, protocol);
     PyObject *data = PyBytes_FromStringAndSize(NULL, self->read_size);
-    if (data == NULL)
+    if (data == NULL) {
+        release(&h);
         return -1;
+    }
     ssize_t n = read((int)fd, PyBytes_AS_STRING(data), (size_t)self->read_size);
     if (n <= 0) {
         int err = errno;
         Py_DECREF(data);
+        release(&h);
         if (n == 0)
             return 0;
         if (err == EAGAIN || err == EWOULDBLOCK)
@@ -377,15 +398,13 @@ static int ready_read(Dispatcher *self, PyObject *target) {
             errno = err;
             PyErr_SetFromErrno(PyExc_OSError);
         }
-        Py_INCREF(target);
-        int rc = report_failure(self->refs[R_READ_FAILED], target) < 0 ? -1 : 1;
-        Py_DECREF(target);
-        return rc;
+        return report_failure(self->refs[R_READ_FAILED], target) < 0 ? -1 : 1;
     }
-    if (n < self->read_size && _PyBytes_Resize(&data, n) < 0)
+    if (n < self->read_size && _PyBytes_Resize(&data, n) < 0) {
+        release(&h);
         return -1;
-    return data_received(self->refs[R_FAILED], target, context, NULL, self->refs[R_NAME],
-                         protocol, data);
+    }
+    return data_received(self->refs[R_FAILED], &h, self->refs[R_NAME], data);
 }
 
 static PyObject *ready_call(Dispatcher *self, PyObject *const *args, size_t nargsf,
@@ -494,11 +513,8 @@ static PyObject *write_call(Dispatcher *self, PyObject *const *args, size_t narg
     if (check_call(self, nargsf, kwnames, 2, "write(transport, data)") < 0)
         return NULL;
     int rc = 0;
-    if (Py_IS_TYPE(args[0], self->cls) && PyBytes_CheckExact(args[1])) {
-        Py_INCREF(args[0]);
+    if (Py_IS_TYPE(args[0], self->cls) && PyBytes_CheckExact(args[1]))
         rc = write_now(self, args[0], args[1]);
-        Py_DECREF(args[0]);
-    }
     if (rc < 0)
         return NULL;
     if (rc == 0)
