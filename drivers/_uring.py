@@ -40,7 +40,6 @@ creation behave as if that failure happened, for tests.
 
 from __future__ import annotations
 
-import array
 import errno
 import functools
 import importlib
@@ -55,7 +54,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from iomux.completion import EVENT_RECORD
+from iomux.completion import EVENT_RECORD, SEND_PAIR
 from iomux.errors import ForkedError, MultiplexerClosed
 
 __all__ = [
@@ -951,7 +950,7 @@ class Ring:
                 nsops = streams._n
                 sops = streams._ops
                 pairs = streams.sends
-                nsends = len(pairs) >> 1
+                nsends = len(pairs) // _PAIR_SIZE
                 sends = _ffi.from_buffer(pairs) if nsends else _NULL
                 stage_len = len(streams.stage)
                 stage = _ffi.from_buffer(streams.stage) if stage_len else _NULL
@@ -1243,6 +1242,8 @@ _SOP_LISTEN = _const("IOMUX_SOP_LISTEN", 8)
 _SOP_LIMIT = _const("IOMUX_SOP_LIMIT", 9)
 _sop_pack = SOP.pack_into
 _SOP_SIZE = SOP.size
+_send_pair = SEND_PAIR.pack
+_PAIR_SIZE = SEND_PAIR.size
 #: StreamPort.stage_max: sends this long or longer are records, not staged.
 STAGE_MAX = 16 * 1024
 _sev_iter = SEV.iter_unpack
@@ -1378,10 +1379,10 @@ class StreamPort(_port.CompletionPort):
         self._n = 0
         #: The bytes of every send since the last enter, one after the other...
         self.stage = bytearray()
-        #: ...and (slot, length) for each, in order: :meth:`send` appends to
-        #: both, and so may a caller on its fast path (stage += data, then
-        #: sends.append(slot); sends.append(len(data))).
-        self.sends = array.array("I")
+        #: ...and (slot, length) for each, in order, as SEND_PAIR records:
+        #: :meth:`send` appends to both, and so may a caller on its fast path
+        #: (stage += data, then sends += SEND_PAIR.pack(slot, len(data))).
+        self.sends = bytearray()
         #: Sends this long or longer skip the stage: each is a record pointing
         #: at the caller's bytes, which the C helper copies once. (A stage
         #: grown past malloc's mmap threshold and emptied at every enter
@@ -1413,7 +1414,9 @@ class StreamPort(_port.CompletionPort):
         if n == self._cap:
             self._grow()
         # Applied after the sends written before it (see _uring_streams.c).
-        _sop_pack(self._opsview, n * _SOP_SIZE, kind, slot, arg, len(self.sends) >> 1, length)
+        _sop_pack(
+            self._opsview, n * _SOP_SIZE, kind, slot, arg, len(self.sends) // _PAIR_SIZE, length
+        )
         self._n = n + 1
 
     def _grow(self) -> None:
@@ -1441,7 +1444,7 @@ class StreamPort(_port.CompletionPort):
         for i, (kind, slot, arg, before, length) in enumerate(records):
             _sop_pack(self._opsview, i * _SOP_SIZE, kind, slot, arg, before - sends_done, length)
         self._n = left
-        del self.sends[: 2 * sends_done]
+        del self.sends[: _PAIR_SIZE * sends_done]
         del self.stage[:stage_used]
 
     def _slot(self) -> int:
@@ -1488,12 +1491,8 @@ class StreamPort(_port.CompletionPort):
             for start in range(0, len(view), 0xFFFFFFFF):
                 self._push(_SOP_SEND, slot, addr + start, min(len(view) - start, 0xFFFFFFFF))
             return
-        sends = self.sends
-        for start in range(0, max(len(view), 1), 0xFFFFFFFF):
-            chunk = view[start : start + 0xFFFFFFFF]
-            self.stage += chunk
-            sends.append(slot)
-            sends.append(len(chunk))
+        self.stage += view
+        self.sends += _send_pair(slot, len(view))
 
     def shutdown_write(self, slot: int) -> None:
         """Shut down ``slot``'s sending side once everything is sent."""

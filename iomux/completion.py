@@ -71,6 +71,9 @@ Event = tuple[int, int, int, int]
 #: One event packed (:meth:`CompletionPort.packed_events`): slot, kind,
 #: result, offset, native byte order, 16 bytes.
 EVENT_RECORD = struct.Struct("=IIiI")
+#: One staged send in :attr:`CompletionPort.sends`: slot, length, native
+#: byte order, 8 bytes.
+SEND_PAIR = struct.Struct("=II")
 
 
 class CompletionPort(ABC):
@@ -97,11 +100,11 @@ class CompletionPort(ABC):
         """Stop receiving on ``slot`` (``DATA`` already on its way may still come)."""
 
     #: The fast path of :meth:`send`, for a caller that inlines it: the bytes of
-    #: each send shorter than ``stage_max`` appended to ``stage``, and ``slot``
-    #: then ``len(data)`` to ``sends`` (an ``array("I")``), in that order.
+    #: each send shorter than ``stage_max`` appended to ``stage``, and
+    #: ``SEND_PAIR.pack(slot, len(data))`` to ``sends``, in that order.
     #: Longer sends go through :meth:`send`, which does not copy them twice.
     stage: bytearray
-    sends: Any
+    sends: bytearray
     stage_max: int
 
     @abstractmethod

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from iomux.completion import DATA, EOF, EVENT_RECORD, SENT
+from iomux.completion import DATA, EOF, EVENT_RECORD, SEND_PAIR, SENT
 from iomux.reactor import Reactor
 from iomux.reactor import speedups as speedups_module
 
@@ -40,9 +40,14 @@ def test_iomux_speedups_0_turns_the_c_dispatch_off(monkeypatch: pytest.MonkeyPat
 # --- the dispatcher on its own --------------------------------------------------------
 
 try:
-    from iomux.reactor._speedups import Dispatcher, ReadyDispatcher, WriteMethod
+    from iomux.reactor._speedups import (
+        Dispatcher,
+        ReadyDispatcher,
+        StageWriteMethod,
+        WriteMethod,
+    )
 except ImportError:  # reported by test_the_c_dispatcher_is_built_here
-    Dispatcher = ReadyDispatcher = WriteMethod = None  # type: ignore[assignment,misc]
+    Dispatcher = ReadyDispatcher = WriteMethod = StageWriteMethod = None  # type: ignore[assignment,misc]
 
 needs_dispatcher = pytest.mark.skipif(Dispatcher is None, reason="the C dispatcher is not built")
 current = contextvars.ContextVar("current", default="none")
@@ -513,6 +518,181 @@ def test_write_method_is_a_method_and_leaves_other_states_to_python(
         peer.recv(10)  # none of those reached the socket: Python's write (logged) had them
     with pytest.raises(TypeError, match=r"write\(transport, data\): wrong arguments"):
         method(t)
+
+
+class Stager:
+    """The attributes the stage write method reads, as a completion transport has them."""
+
+    __slots__ = (
+        "_acked",
+        "_blocked",
+        "_deadlines",
+        "_pause_above",
+        "_protocol_paused",
+        "_sends",
+        "_slot",
+        "_stage",
+        "_stage_max",
+        "_written",
+    )
+
+    def __init__(self, stage: bytearray, sends: bytearray, slot: int) -> None:
+        self._stage, self._sends, self._slot = stage, sends, slot
+        self._blocked = False
+        self._deadlines: object = None
+        self._stage_max = 16
+        self._written = self._acked = 0
+        self._pause_above = 1000
+        self._protocol_paused = False
+
+
+class StageLog(Log):
+    def slow(self, transport: Any, data: Any) -> None:
+        self.calls.append(("slow", transport, bytes(data)))
+
+    def check_pause(self, transport: Any) -> None:
+        self.calls.append(("check_pause", transport, transport._written))
+
+
+def staging() -> tuple[StageLog, bytearray, bytearray, Any]:
+    """A log, a stage, its send pairs and a StageWriteMethod for Stager."""
+    log = StageLog()
+    return log, bytearray(), bytearray(), StageWriteMethod(Stager, log.slow, log.check_pause)
+
+
+def pairs_of(sends: bytearray) -> list[tuple[int, int]]:
+    return [SEND_PAIR.unpack_from(sends, i) for i in range(0, len(sends), SEND_PAIR.size)]
+
+
+@needs_dispatcher
+def test_stage_write_appends_the_bytes_and_their_pair_in_order() -> None:
+    from iomux.reactor import _speedups
+
+    assert _speedups.SEND_PAIR_SIZE == SEND_PAIR.size
+    log, stage, sends, write = staging()
+    a, b = Stager(stage, sends, 3), Stager(stage, sends, 70000)
+    for t, data in [(a, b"hello"), (b, b"x" * 15), (a, b"!")]:
+        write(t, data)
+    assert stage == b"hello" + b"x" * 15 + b"!" and log.calls == []
+    assert pairs_of(sends) == [(3, 5), (70000, 15), (3, 1)]
+    assert (a._written, b._written) == (6, 15)
+    for _ in range(2000):  # the arrays grow without losing what they hold
+        write(b, b"ab")
+    assert len(stage) == 21 + 4000 and stage.endswith(b"ab" * 2000)
+    assert pairs_of(sends)[3:] == [(70000, 2)] * 2000 and b._written == 4015
+    del stage[:], sends[:]  # as the port consumes them
+    write(a, b"again")
+    assert stage == b"again" and pairs_of(sends) == [(3, 5)]
+
+
+@needs_dispatcher
+def test_stage_write_hands_every_other_case_to_python() -> None:
+    log, stage, sends, write = staging()
+    t = Stager(stage, sends, 1)
+    for data in [b"", b"y" * 16, bytearray(b"ba"), memoryview(b"mv")]:
+        write(t, data)  # empty, not shorter than _stage_max, not bytes
+    states: list[tuple[str, Any]] = [
+        ("_blocked", True),
+        ("_deadlines", object()),
+        ("_slot", -1),
+        ("_slot", 1 << 32),
+        ("_written", 1 << 70),
+        ("_stage_max", "16"),
+        ("_stage", b"bytes, not a bytearray"),
+    ]
+    for attr, value in states:
+        state = Stager(stage, sends, 1)
+        setattr(state, attr, value)
+        write(state, b"s")
+        assert log.calls[-1] == ("slow", state, b"s"), attr
+
+    class Sub(Stager):
+        __slots__ = ()
+
+    sub = Sub(stage, sends, 1)
+    write(sub, b"u")
+    unset = Stager.__new__(Stager)  # no attributes at all
+    write(unset, b"n")
+    assert [c[2] for c in log.calls] == [b"", b"y" * 16, b"ba", b"mv"] + [b"s"] * 7 + [b"u", b"n"]
+    assert log.calls[-2:] == [("slow", sub, b"u"), ("slow", unset, b"n")]
+    assert stage == b"" and sends == b"" and t._written == 0  # nothing was staged
+
+
+@needs_dispatcher
+def test_stage_write_checks_pause_above_the_mark_unless_paused() -> None:
+    log, stage, sends, write = staging()
+    t = Stager(stage, sends, 2)
+    t._pause_above, t._acked = 20, 5
+    write(t, b"a" * 15)  # 15 - 5 unacknowledged: below
+    write(t, b"b" * 10)  # 25 - 5 = 20: not above
+    assert log.calls == []
+    write(t, b"c")
+    assert log.calls == [("check_pause", t, 26)]  # _written is set before the check
+    t._protocol_paused = True
+    write(t, b"d")
+    assert log.calls == [("check_pause", t, 26)] and t._written == 27
+
+    def failing(transport: Any) -> None:
+        raise RuntimeError("from check_pause")
+
+    t._protocol_paused = False
+    with pytest.raises(RuntimeError, match="from check_pause"):
+        StageWriteMethod(Stager, log.slow, failing)(t, b"e")
+    assert stage.endswith(b"de") and t._written == 28  # staged before the check failed
+
+
+@needs_dispatcher
+def test_stage_write_refuses_an_exported_stage_and_queues_nothing() -> None:
+    log, stage, sends, write = staging()
+    t = Stager(stage, sends, 4)
+    write(t, b"one")
+    with memoryview(stage):
+        with pytest.raises(BufferError):
+            write(t, b"two")
+    assert stage == b"one" and pairs_of(sends) == [(4, 3)] and t._written == 3
+    view = memoryview(sends)
+    with pytest.raises(BufferError):
+        write(t, b"three")
+    view.release()
+    assert stage == b"one" and pairs_of(sends) == [(4, 3)] and t._written == 3
+    write(t, b"four")
+    assert stage == b"onefour" and pairs_of(sends) == [(4, 3), (4, 4)] and log.calls == []
+
+
+@needs_dispatcher
+def test_stage_write_is_a_method_of_its_class() -> None:
+    log, stage, sends, _ = staging()
+
+    class Transport(Stager):
+        __slots__ = ()
+        write: Any = None
+
+    method = StageWriteMethod(Transport, log.slow, log.check_pause)
+    Transport.write = method
+    assert Transport.write is method
+    t = Transport(stage, sends, 9)
+    t.write(b"one")
+    bound = t.write
+    bound(b"two")
+    assert stage == b"onetwo" and pairs_of(sends) == [(9, 3), (9, 3)]
+    with pytest.raises(TypeError, match=r"write\(transport, data\): wrong arguments"):
+        method(t)
+
+    class Missing:
+        __slots__ = ("_blocked",)
+
+    with pytest.raises(AttributeError, match="_deadlines"):
+        StageWriteMethod(Missing, log.slow, log.check_pause)
+    with pytest.raises(TypeError, match="callable"):
+        StageWriteMethod(Stager, log.slow, None)
+
+
+def test_the_completion_transport_writes_with_the_c_method_where_built() -> None:
+    from iomux.reactor.completion import CompletionStreamTransport
+
+    method = CompletionStreamTransport.__dict__["write"]
+    built = speedups_module.speedups() is not None
+    assert (StageWriteMethod is not None and type(method) is StageWriteMethod) is built
 
 
 # --- the loop, with either dispatch -------------------------------------------------------

@@ -18,6 +18,9 @@
  * WriteMethod is a readiness stream transport's write(): where nothing
  * waits to be sent, it writes the bytes to the socket at once, and hands
  * what the socket did not take, and every other case, to Python.
+ * StageWriteMethod is a completion stream transport's write(): it appends
+ * the bytes to the port's stage and (slot, length) to its send pairs, which
+ * the next enter submits, and hands every other case to Python.
  *
  * The transports' attributes are read at the offsets of their class's
  * __slots__ member descriptors, and only for objects of exactly that
@@ -27,8 +30,12 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <limits.h>
 #include <stdint.h>
 #include <structmember.h>
+#if PY_VERSION_HEX < 0x030B0000
+#include <longintrepr.h> /* the digits of an int (included by Python.h from 3.11) */
+#endif
 #include <unistd.h>
 
 struct event_record {
@@ -41,7 +48,7 @@ _Static_assert(sizeof(struct event_record) == 16, "an event record is 16 bytes (
 
 #define KIND_DATA 1
 #define MASK_READ 1
-#define MAX_ATTRS 9
+#define MAX_ATTRS 10
 #define MAX_REFS 4
 
 /* Both dispatchers: the transport class, the offsets of the attributes
@@ -86,7 +93,23 @@ enum { W_BUFFER, W_CONN_LOST, W_EOF, W_EMPTY_WAITER, W_DEADLINES, W_SOCK_FD, W_C
 static const char *const write_attrs[W_COUNT] = {
     "_buffer", "_conn_lost", "_eof", "_empty_waiter", "_deadlines", "_sock_fd",
 };
-_Static_assert(C_COUNT <= MAX_ATTRS && R_COUNT <= MAX_ATTRS && W_COUNT <= MAX_ATTRS, "MAX_ATTRS");
+/* StageWriteMethod (a completion transport's write): refs and attributes. */
+enum { S_SLOW, S_CHECK_PAUSE };
+enum { S_BLOCKED, S_DEADLINES, S_STAGE_MAX, S_STAGE, S_SENDS, S_SLOT, S_WRITTEN, S_ACKED,
+       S_PAUSE_ABOVE, S_PROTOCOL_PAUSED, S_COUNT };
+static const char *const stage_attrs[S_COUNT] = {
+    "_blocked", "_deadlines", "_stage_max", "_stage",        "_sends",
+    "_slot",    "_written",   "_acked",     "_pause_above", "_protocol_paused",
+};
+/* One staged send in the port's send pairs (iomux.completion.SEND_PAIR, =II). */
+struct send_pair {
+    uint32_t slot;
+    uint32_t len;
+};
+_Static_assert(sizeof(struct send_pair) == 8, "a send pair is 8 bytes (=II)");
+_Static_assert(C_COUNT <= MAX_ATTRS && R_COUNT <= MAX_ATTRS && W_COUNT <= MAX_ATTRS &&
+                   S_COUNT <= MAX_ATTRS,
+               "MAX_ATTRS");
 
 static inline PyObject *slot_value(PyObject *obj, Py_ssize_t offset) {
     return *(PyObject **)((char *)obj + offset);
@@ -234,6 +257,7 @@ static int check_call(Dispatcher *self, size_t nargsf, PyObject *kwnames, Py_ssi
 
 static PyObject *dispatcher_new(PyTypeObject *type, PyObject *args, PyObject *kwds);
 static PyTypeObject WriteMethodType;
+static PyTypeObject StageWriteMethodType;
 
 /* -- completion ------------------------------------------------------------------ */
 
@@ -508,20 +532,6 @@ static int write_now(Dispatcher *self, PyObject *transport, PyObject *data) {
     return 1;
 }
 
-static PyObject *write_call(Dispatcher *self, PyObject *const *args, size_t nargsf,
-                            PyObject *kwnames) {
-    if (check_call(self, nargsf, kwnames, 2, "write(transport, data)") < 0)
-        return NULL;
-    int rc = 0;
-    if (Py_IS_TYPE(args[0], self->cls) && PyBytes_CheckExact(args[1]))
-        rc = write_now(self, args[0], args[1]);
-    if (rc < 0)
-        return NULL;
-    if (rc == 0)
-        return PyObject_Vectorcall(self->refs[W_SLOW], args, 2, NULL);
-    Py_RETURN_NONE;
-}
-
 /* As a class attribute it is a method: transport.write is bound to the transport. */
 static PyObject *write_get(PyObject *self, PyObject *obj, PyObject *type) {
     if (obj == NULL || obj == Py_None) {
@@ -531,6 +541,8 @@ static PyObject *write_get(PyObject *self, PyObject *obj, PyObject *type) {
     return PyMethod_New(self, obj);
 }
 
+/* Both write methods: refs[0] is the Python write. */
+_Static_assert(W_SLOW == 0 && S_SLOW == 0, "the Python write is refs[0]");
 static PyObject *write_doc(Dispatcher *self, void *closure) {
     if (self->refs[W_SLOW] == NULL)
         Py_RETURN_NONE;
@@ -541,6 +553,116 @@ static PyGetSetDef write_getset[] = {
     {"__doc__", (getter)write_doc, NULL, NULL, NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
+
+/* -- a completion transport's write() --------------------------------------------- */
+
+static int stage_init(Dispatcher *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"cls", "slow", "check_pause", NULL};
+    PyObject *cls, *refs[2];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO:StageWriteMethod", kwlist, &PyType_Type,
+                                     &cls, &refs[S_SLOW], &refs[S_CHECK_PAUSE]))
+        return -1;
+    return setup(self, cls, stage_attrs, S_COUNT, refs, 2, S_SLOW, "StageWriteMethod");
+}
+
+/* A small int attribute as a C integer: 0 with *value set; 1 where it is not one. */
+static inline int small_int(PyObject *obj, long long *value) {
+    if (obj == NULL || !PyLong_CheckExact(obj))
+        return 1;
+#if PY_VERSION_HEX >= 0x030C0000
+    if (PyUnstable_Long_IsCompact((PyLongObject *)obj)) {
+        *value = PyUnstable_Long_CompactValue((PyLongObject *)obj);
+        return 0;
+    }
+#else
+    Py_ssize_t digits = Py_SIZE(obj); /* one digit or none: read it */
+    if (digits >= -1 && digits <= 1) {
+        *value = digits * (long long)((PyLongObject *)obj)->ob_digit[0];
+        return 0;
+    }
+#endif
+    int overflow;
+    *value = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    return overflow != 0 || (*value == -1 && PyErr_Occurred());
+}
+
+/* Append n bytes to a bytearray. PyByteArray_Resize grows a small buffer
+ * to the exact size asked for, which would be a realloc per send: grow it
+ * to twice what is needed, then set the size (within the allocation, and
+ * at least half of it, which does not reallocate). */
+static int append(PyObject *array, const void *bytes, Py_ssize_t n) {
+    PyByteArrayObject *a = (PyByteArrayObject *)array;
+    Py_ssize_t size = Py_SIZE(a), need = size + n;
+    if (need + (a->ob_start - a->ob_bytes) + 1 > a->ob_alloc &&
+        PyByteArray_Resize(array, 2 * need) < 0)
+        return -1;
+    if (PyByteArray_Resize(array, need) < 0)
+        return -1;
+    memcpy(PyByteArray_AS_STRING(array) + size, bytes, (size_t)n);
+    return 0;
+}
+
+/* write(transport, data) onto the port's stage: 1 done; 0 for the Python
+ * write; -1 an exception to propagate. */
+static int stage_now(Dispatcher *self, PyObject *transport, PyObject *data) {
+    const Py_ssize_t *at = self->offset;
+    PyObject *stage = slot_value(transport, at[S_STAGE]);
+    PyObject *sends = slot_value(transport, at[S_SENDS]);
+    long long stage_max, slot, written, acked, pause_above;
+    Py_ssize_t len = PyBytes_GET_SIZE(data);
+    if (slot_value(transport, at[S_BLOCKED]) != Py_False ||
+        slot_value(transport, at[S_DEADLINES]) != Py_None || stage == NULL || sends == NULL ||
+        !PyByteArray_CheckExact(stage) || !PyByteArray_CheckExact(sends) ||
+        small_int(slot_value(transport, at[S_STAGE_MAX]), &stage_max) ||
+        small_int(slot_value(transport, at[S_SLOT]), &slot) ||
+        small_int(slot_value(transport, at[S_WRITTEN]), &written) ||
+        small_int(slot_value(transport, at[S_ACKED]), &acked) ||
+        small_int(slot_value(transport, at[S_PAUSE_ABOVE]), &pause_above) || len <= 0 ||
+        len >= stage_max || slot < 0 || slot > UINT32_MAX || written > LLONG_MAX - len) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_ssize_t staged = PyByteArray_GET_SIZE(stage);
+    if (append(stage, PyBytes_AS_STRING(data), len) < 0)
+        return -1; /* e.g. BufferError: the stage is exported, as += would say */
+    struct send_pair pair = {(uint32_t)slot, (uint32_t)len};
+    if (append(sends, &pair, sizeof pair) < 0) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        (void)PyByteArray_Resize(stage, staged); /* nothing half-queued */
+        PyErr_Restore(type, value, tb);
+        return -1;
+    }
+    PyObject *total = PyLong_FromLongLong(written + len);
+    if (total == NULL)
+        return -1;
+    Py_XSETREF(*(PyObject **)((char *)transport + at[S_WRITTEN]), total);
+    if (written + len - acked > pause_above &&
+        slot_value(transport, at[S_PROTOCOL_PAUSED]) == Py_False) {
+        PyObject *result = PyObject_Vectorcall(self->refs[S_CHECK_PAUSE], &transport, 1, NULL);
+        if (result == NULL)
+            return -1;
+        Py_DECREF(result);
+    }
+    return 1;
+}
+
+/* Both write methods' call: the C path for bytes written to a transport of
+ * exactly cls, where its state allows; the Python write (refs[0]) otherwise. */
+static PyObject *write_method_call(Dispatcher *self, PyObject *const *args, size_t nargsf,
+                                   PyObject *kwnames) {
+    if (check_call(self, nargsf, kwnames, 2, "write(transport, data)") < 0)
+        return NULL;
+    int rc = 0;
+    if (Py_IS_TYPE(args[0], self->cls) && PyBytes_CheckExact(args[1]))
+        rc = (Py_IS_TYPE(self, &StageWriteMethodType) ? stage_now : write_now)(self, args[0],
+                                                                                args[1]);
+    if (rc < 0)
+        return NULL;
+    if (rc == 0)
+        return PyObject_Vectorcall(self->refs[0], args, 2, NULL);
+    Py_RETURN_NONE;
+}
 
 /* -- the types and the module ------------------------------------------------------ */
 
@@ -575,12 +697,20 @@ static PyTypeObject WriteMethodType = DISPATCHER_TYPE(
     "of cls (see iomux.reactor.readiness).",
     write_init);
 
+static PyTypeObject StageWriteMethodType = DISPATCHER_TYPE(
+    "StageWriteMethod",
+    "StageWriteMethod(cls, slow, check_pause): a completion stream transport's write() as a "
+    "method of cls (see iomux.reactor.completion).",
+    stage_init);
+
 static PyObject *dispatcher_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     Dispatcher *self = (Dispatcher *)PyType_GenericNew(type, args, kwds);
     if (self != NULL)
-        self->vectorcall = (vectorcallfunc)(type == &ReadyDispatcherType ? ready_call
-                                            : type == &WriteMethodType   ? write_call
-                                                                         : completion_call);
+        self->vectorcall =
+            (vectorcallfunc)(type == &ReadyDispatcherType ? ready_call
+                             : type == &WriteMethodType || type == &StageWriteMethodType
+                                 ? write_method_call
+                                 : completion_call);
     return (PyObject *)self;
 }
 
@@ -606,13 +736,18 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     WriteMethodType.tp_flags |= Py_TPFLAGS_METHOD_DESCRIPTOR;
     WriteMethodType.tp_descr_get = write_get;
     WriteMethodType.tp_getset = write_getset;
+    StageWriteMethodType.tp_flags |= Py_TPFLAGS_METHOD_DESCRIPTOR;
+    StageWriteMethodType.tp_descr_get = write_get;
+    StageWriteMethodType.tp_getset = write_getset;
     PyObject *m = PyModule_Create(&speedups_module);
     if (m == NULL)
         return NULL;
     if (add_type(m, "Dispatcher", &DispatcherType) < 0 ||
         add_type(m, "ReadyDispatcher", &ReadyDispatcherType) < 0 ||
         add_type(m, "WriteMethod", &WriteMethodType) < 0 ||
-        PyModule_AddIntConstant(m, "RECORD_SIZE", (long)sizeof(struct event_record)) < 0) {
+        add_type(m, "StageWriteMethod", &StageWriteMethodType) < 0 ||
+        PyModule_AddIntConstant(m, "RECORD_SIZE", (long)sizeof(struct event_record)) < 0 ||
+        PyModule_AddIntConstant(m, "SEND_PAIR_SIZE", (long)sizeof(struct send_pair)) < 0) {
         Py_DECREF(m);
         return NULL;
     }

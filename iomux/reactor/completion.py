@@ -30,11 +30,11 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from iomux import completion as port_events
-from iomux.completion import CompletionPort
+from iomux.completion import SEND_PAIR, CompletionPort
 from iomux.multiplexer import Multiplexer
 
 from .readiness import _OUT_OF_RESOURCES, _TRANSIENT, ACCEPT_BATCH, AcceptBackoff
-from .speedups import speedups
+from .speedups import install_write, speedups
 from .transport import StreamTransport
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ _CLOSED = port_events.CLOSED
 _ACCEPTED = port_events.ACCEPTED
 _ACCEPT_END = port_events.ACCEPT_END
 _BACKLOG = port_events.BACKLOG
+_send_pair = SEND_PAIR.pack
 #: write() pauses the protocol at once, before the kernel had its chance,
 #: only when this much (or 16 high-water marks) waits to be sent: a writer
 #: that never yields to the loop must still be stopped.
@@ -498,9 +499,7 @@ class CompletionStreamTransport(StreamTransport):
         # The port's fast path: the bytes go to its stage, (slot, length) to
         # its send pairs; one C call per loop iteration takes them all.
         self._stage += data
-        sends = self._sends
-        sends.append(self._slot)
-        sends.append(n)
+        self._sends += _send_pair(self._slot, n)
         written = self._written = self._written + n
         if (deadlines := self._deadlines) is not None:
             deadlines.last_io = self._loop.time()
@@ -703,6 +702,9 @@ class CompletionStreamTransport(StreamTransport):
             sock.close()  # nothing can run on its fd any more
         else:
             self._io._orphan(self._slot, sock.detach())
+
+
+install_write(CompletionStreamTransport, "StageWriteMethod", CompletionStreamTransport._check_pause)
 
 
 class CompletionListener:

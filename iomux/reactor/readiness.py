@@ -48,7 +48,7 @@ from iomux.multiplexer import Multiplexer, Trigger
 
 from .base import aio_logger
 from .network import NetworkReactor
-from .speedups import speedups
+from .speedups import install_write, speedups
 from .transport import FlowControlMixin, StreamTransport
 
 if TYPE_CHECKING:
@@ -1036,19 +1036,9 @@ def _write_failed(transport: ReadinessStreamTransport, exc: BaseException) -> No
     transport._fatal_error(exc, "Fatal write error on socket transport")
 
 
-# write() in C where built: the same fast path, without a Python frame per
-# message (the choice is made once, when this module is imported).
-if (_built := speedups()) is not None:
-    setattr(  # noqa: B010 - the method is replaced; mypy refuses assigning to one
-        ReadinessStreamTransport,
-        "write",
-        _built.WriteMethod(
-            ReadinessStreamTransport,
-            ReadinessStreamTransport.write,
-            ReadinessStreamTransport._buffer_rest,
-            _write_failed,
-        ),
-    )
+install_write(
+    ReadinessStreamTransport, "WriteMethod", ReadinessStreamTransport._buffer_rest, _write_failed
+)
 
 
 class DatagramTransport(FlowControlMixin, asyncio.DatagramTransport):

@@ -5,7 +5,8 @@ dispatcher, which makes the one Python call per received message itself
 (``protocol.data_received``) and passes every other event, in order, to
 the same Python code that runs when the extension is absent; a readiness
 stream transport's ``write()`` is in C too, writing to the socket at once
-where nothing waits to be sent. Setting ``IOMUX_SPEEDUPS=0`` makes a new
+where nothing waits to be sent, and so is a completion stream transport's,
+putting a short message on the ring's stage. Setting ``IOMUX_SPEEDUPS=0`` makes a new
 loop dispatch in Python (and, if set before ``iomux.reactor`` is
 imported, ``write()`` too), to compare the two or to rule the extension
 out.
@@ -14,7 +15,9 @@ out.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 #: The environment variable that turns the C dispatch off (``0``).
 SPEEDUPS_ENV = "IOMUX_SPEEDUPS"
@@ -30,3 +33,17 @@ def speedups() -> ModuleType | None:
     if _built is None or os.environ.get(SPEEDUPS_ENV, "1").strip() == "0":
         return None
     return _built
+
+
+def install_write(cls: type, method: str, *helpers: Callable[..., Any]) -> None:
+    """Make ``cls.write`` the C write method ``method`` of the extension, where built.
+
+    The C method takes the common case without a Python frame and hands every
+    other case to the Python ``write`` it replaces; ``helpers`` are the
+    Python functions it calls on its own path. The choice is made once, when
+    the transport's module is imported (``IOMUX_SPEEDUPS=0`` before that keeps
+    the Python ``write``).
+    """
+    built = speedups()
+    if built is not None:
+        cls.write = getattr(built, method)(cls, cls.__dict__["write"], *helpers)
