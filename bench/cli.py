@@ -10,7 +10,7 @@ DEFAULT_OUT = "bench-results"
 
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``bench`` and its subcommands to the ``iomux`` command line."""
-    from . import echo, files, httpbench, idle, receive, syscalls, wait
+    from . import echo, files, httpbench, idle, instructions, receive, syscalls, wait
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -27,7 +27,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     bench: argparse.ArgumentParser = subparsers.add_parser(
         "bench",
-        help="benchmarks: wait scaling, echo, http, idle connections, syscalls, receive, files",
+        help="benchmarks: wait scaling, echo, http, idle connections, syscalls, instructions, "
+        "receive, files",
         description=__doc__,
     )
     sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -40,6 +41,6 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
             return parser
 
     adder = _Sub()
-    for module in (wait, echo, httpbench, idle, syscalls, receive, files):
+    for module in (wait, echo, httpbench, idle, syscalls, instructions, receive, files):
         module.add_parser(adder)
     return bench

@@ -142,6 +142,25 @@ def write_outputs(folder: Path, name: str, data: dict[str, Any], markdown: str) 
     return [json_path, md_path]
 
 
+def publish(folder: Path, name: str, data: dict[str, Any], markdown: str, png: Path | None) -> int:
+    """Write ``NAME.json`` and ``NAME.md``, print the report and where it all went; 0."""
+    paths = write_outputs(folder, name, data, markdown)
+    print(markdown)
+    for path in [*paths, *([png] if png else [])]:
+        progress(f"wrote {path}")
+    return 0
+
+
+def left_out(notes: list[str], lead: str = "\n") -> str:
+    """The report's line on servers or peers left out (and why); "" when none was."""
+    return f"{lead}Left out: {'; '.join(notes)}.\n" if notes else ""
+
+
+def summary_json(summary: dict[str, dict[int, Any]]) -> dict[str, dict[str, Any]]:
+    """A per-server, per-connection-count summary with JSON's string keys."""
+    return {s: {str(c): v for c, v in by.items()} for s, by in summary.items()}
+
+
 def fmt(value: float | None, unit: str = "") -> str:
     """Format a number with about three significant digits and thousands separators."""
     if value is None:

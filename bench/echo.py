@@ -27,10 +27,12 @@ from .common import (
     command_line,
     facts_line,
     fmt,
+    left_out,
     machine_facts,
     out_dir,
     progress,
-    write_outputs,
+    publish,
+    summary_json,
 )
 from .contention import contention_text, measured
 from .loadgen import BenchError, LoadSpec, echoload_path, run_load
@@ -153,13 +155,21 @@ def describe(result: dict[str, Any]) -> str:
     )
 
 
-def pick_specs(app: str, args: argparse.Namespace) -> tuple[list[ServerSpec], list[str]]:
-    """The servers selected on the command line (``app`` is "echo" or "http")."""
+def pick_specs(
+    app: str, args: argparse.Namespace, label: str
+) -> tuple[list[ServerSpec], list[str]]:
+    """The servers selected on the command line (``app`` is "echo" or "http") and
+    the notes on those left out, each said on stderr under ``label``, as is an
+    empty choice."""
     specs, notes = server_specs(
         app, args.backend, peers=not args.no_peers, malloc=args.malloc, loops=True
     )
     if args.server:
         specs = [s for s in specs if s.name in args.server]
+    for note in notes:
+        progress(f"{label}: left out {note}")
+    if not specs:
+        progress(f"{label}: no server to run")
     return specs, notes
 
 
@@ -185,12 +195,9 @@ def run(args: argparse.Namespace) -> int:
         servers: list[dict[str, Any]] = old["servers"]
         facts, command = old["machine"], old["command"]
     else:
-        specs, notes = pick_specs("echo", args)
+        specs, notes = pick_specs("echo", args, "echo")
         if not specs:
-            progress("echo: no server to run")
             return 1
-        for note in notes:
-            progress(f"echo: left out {note}")
         runs = run_matrix("echo", specs, conns, repeats, cfg, quick)
         servers = [{"name": s.name, "argv": s.argv, "kind": s.kind} for s in specs]
         facts, command = machine_facts(), command_line(args)
@@ -210,8 +217,7 @@ def run(args: argparse.Namespace) -> int:
         errors_text(summary),
         contention_text(runs),
     ]
-    if notes:
-        md.append("Left out: " + "; ".join(notes) + ".\n")
+    md.append(left_out(notes, ""))
     markdown = "".join(md)
     data = {
         "benchmark": "echo",
@@ -220,11 +226,10 @@ def run(args: argparse.Namespace) -> int:
         "config": {"conns": conns, "repeats": repeats, "malloc": args.malloc, **vars(cfg)},
         "servers": servers,
         "notes": notes,
-        "summary": {s: {str(c): v for c, v in by.items()} for s, by in summary.items()},
+        "summary": summary_json(summary),
         "runs": runs,
     }
     folder = out_dir(args.out)
-    paths = write_outputs(folder, "echo", data, markdown)
     png = line_plot(
         folder / "echo.png",
         [
@@ -240,10 +245,7 @@ def run(args: argparse.Namespace) -> int:
         "Echo, 64-byte messages",
         logy=(False, True, False),
     )
-    print(markdown)
-    for path in [*paths, *([png] if png else [])]:
-        progress(f"wrote {path}")
-    return 0
+    return publish(folder, "echo", data, markdown, png)
 
 
 def add_server_options(p: argparse.ArgumentParser, conns_help: str) -> None:
@@ -252,6 +254,19 @@ def add_server_options(p: argparse.ArgumentParser, conns_help: str) -> None:
     p.add_argument("--repeats", type=int, help="repeats per cell (median kept)")
     p.add_argument("--warmup", type=float, help="warm-up seconds per run")
     p.add_argument("--duration", type=float, help="measured seconds per run")
+    add_server_choice(p)
+    p.add_argument("--no-pin", action="store_true", help="do not pin server and client to CPUs")
+    p.add_argument(
+        "--client-mode",
+        choices=("spin", "block"),
+        default="spin",
+        help="load generator waits by spinning (default) or sleeping",
+    )
+    add_malloc_option(p, "steady")
+
+
+def add_server_choice(p: argparse.ArgumentParser) -> None:
+    """``--server`` (repeatable) and ``--no-peers``: which servers run (see pick_specs)."""
     p.add_argument(
         "--server",
         action="append",
@@ -263,14 +278,6 @@ def add_server_options(p: argparse.ArgumentParser, conns_help: str) -> None:
         action="store_true",
         help="leave out the peers (asyncio, uvloop, rloop, uvicorn on those); keep iomux's",
     )
-    p.add_argument("--no-pin", action="store_true", help="do not pin server and client to CPUs")
-    p.add_argument(
-        "--client-mode",
-        choices=("spin", "block"),
-        default="spin",
-        help="load generator waits by spinning (default) or sleeping",
-    )
-    add_malloc_option(p, "steady")
 
 
 def add_malloc_option(p: argparse.ArgumentParser, default: str) -> None:

@@ -46,6 +46,7 @@ from .common import (
     command_line,
     facts_line,
     fmt,
+    left_out,
     machine_facts,
     median,
     out_dir,
@@ -569,8 +570,7 @@ def render(
     lines = targets(summary, sendfile, concurrency)
     if lines:
         out.append("Targets:\n\n" + "".join(f"- {line}\n" for line in lines) + "\n")
-    if notes:
-        out.append("Left out: " + "; ".join(notes) + ".\n")
+    out.append(left_out(notes, ""))
     return "".join(out)
 
 

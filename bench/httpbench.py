@@ -27,10 +27,12 @@ from .common import (
     command_line,
     cpu_ticks,
     facts_line,
+    left_out,
     machine_facts,
     out_dir,
     progress,
-    write_outputs,
+    publish,
+    summary_json,
 )
 from .contention import contention_text, measured
 from .echo import LoadConfig, add_server_options, describe, load_run, pick_specs
@@ -150,12 +152,9 @@ def run(args: argparse.Namespace) -> int:
         pin=can_pin() and not args.no_pin,
         http=True,
     )
-    specs, notes = pick_specs("http", args)
+    specs, notes = pick_specs("http", args, "http")
     if not specs:
-        progress("http: no server to run")
         return 1
-    for note in notes:
-        progress(f"http: left out {note}")
     echoload_path()
     runs = []
     for rep in range(repeats):
@@ -191,8 +190,7 @@ def run(args: argparse.Namespace) -> int:
         errors_text(summary),
         contention_text(runs),
     ]
-    if notes:
-        md.append("Left out: " + "; ".join(notes) + ".\n")
+    md.append(left_out(notes, ""))
     markdown = "".join(md)
     data = {
         "benchmark": "http",
@@ -202,11 +200,10 @@ def run(args: argparse.Namespace) -> int:
         "config": {"conns": conns, "repeats": repeats, "malloc": args.malloc, **vars(cfg)},
         "servers": [{"name": s.name, "argv": s.argv, "kind": s.kind} for s in specs],
         "notes": notes,
-        "summary": {s: {str(c): v for c, v in by.items()} for s, by in summary.items()},
+        "summary": summary_json(summary),
         "runs": runs,
     }
     folder = out_dir(args.out)
-    paths = write_outputs(folder, "http", data, markdown)
     title = f"HTTP keep-alive hello world ({client})"
     if len(conns) == 1:
         one = conns[0]
@@ -235,10 +232,7 @@ def run(args: argparse.Namespace) -> int:
             "connections",
             title,
         )
-    print(markdown)
-    for path in [*paths, *([png] if png else [])]:
-        progress(f"wrote {path}")
-    return 0
+    return publish(folder, "http", data, markdown, png)
 
 
 def add_parser(sub: Any) -> None:

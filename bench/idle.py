@@ -20,13 +20,14 @@ from .common import (
     command_line,
     facts_line,
     fmt,
+    left_out,
     machine_facts,
     median,
     out_dir,
     progress,
+    publish,
     raise_fd_limit,
     table,
-    write_outputs,
 )
 from .echo import add_malloc_option
 from .loadgen import BenchError, IdleHolder, LoadSpec, echoload_path, run_load
@@ -190,8 +191,7 @@ def render(
         + ("; ".join(verdicts) if verdicts else "no iomux server measured")
         + "\n",
     ]
-    if notes:
-        md.append("\nLeft out: " + "; ".join(notes) + ".\n")
+    md.append(left_out(notes))
     return "".join(md)
 
 
@@ -266,7 +266,6 @@ def run(args: argparse.Namespace) -> int:
         "runs": runs,
     }
     folder = out_dir(args.out)
-    paths = write_outputs(folder, "idle", data, markdown)
     png = bar_plot(
         folder / "idle.png",
         [
@@ -278,10 +277,7 @@ def run(args: argparse.Namespace) -> int:
         ],
         f"{count:,} idle connections",
     )
-    print(markdown)
-    for path in [*paths, *([png] if png else [])]:
-        progress(f"wrote {path}")
-    return 0
+    return publish(folder, "idle", data, markdown, png)
 
 
 def add_parser(sub: Any) -> None:

@@ -34,9 +34,10 @@ from .common import (
     median,
     out_dir,
     progress,
+    publish,
     table,
-    write_outputs,
 )
+from .plot import bar_plot
 
 #: (name, stream_port options)
 CONFIGS = (
@@ -164,21 +165,23 @@ def run(args: argparse.Namespace) -> int:
             rows,
         )
     )
-    print(md)
     folder = out_dir(args.out)
-    write_outputs(
-        folder,
-        "receive",
-        {
-            "benchmark": "receive",
-            "machine": facts,
-            "total_mib": mib,
-            "runs": runs,
-            "medians": medians,
-        },
-        md,
+    png = bar_plot(
+        folder / "receive.png",
+        [
+            ("receiver CPU s/GiB", {k: v["cpu_s_per_gib"] for k, v in medians.items()}),
+            ("GB/s", {k: v["gb_per_s"] for k, v in medians.items()}),
+        ],
+        "Bulk receive on io_uring's stream port",
     )
-    return 0
+    data = {
+        "benchmark": "receive",
+        "machine": facts,
+        "total_mib": mib,
+        "runs": runs,
+        "medians": medians,
+    }
+    return publish(folder, "receive", data, md, png)
 
 
 def add_parser(sub: Any) -> None:

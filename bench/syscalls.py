@@ -24,11 +24,12 @@ from .common import (
     can_pin,
     command_line,
     facts_line,
+    left_out,
     machine_facts,
     out_dir,
     progress,
+    publish,
     table,
-    write_outputs,
 )
 from .echo import add_malloc_option
 from .loadgen import BenchError, LoadSpec, echoload_path, run_load
@@ -167,8 +168,7 @@ def render(
                 f"\n{n}: {results[n]['per_request']:.2f} calls per request against "
                 f"{base:.2f} for iomux-epoll ({abs(saved) * 100:.0f} % {word}).\n"
             )
-    if notes:
-        md.append("\nLeft out: " + "; ".join(notes) + ".\n")
+    md.append(left_out(notes))
     return "".join(md)
 
 
@@ -211,16 +211,12 @@ def run(args: argparse.Namespace) -> int:
         "results": results,
     }
     folder = out_dir(args.out)
-    paths = write_outputs(folder, "syscalls", data, markdown)
     png = bar_plot(
         folder / "syscalls.png",
         [("system calls per request", {n: results[n].get("per_request") for n in names})],
         "System calls per echo request",
     )
-    print(markdown)
-    for path in [*paths, *([png] if png else [])]:
-        progress(f"wrote {path}")
-    return 0
+    return publish(folder, "syscalls", data, markdown, png)
 
 
 def add_parser(sub: Any) -> None:

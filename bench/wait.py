@@ -27,9 +27,9 @@ from .common import (
     median,
     out_dir,
     progress,
+    publish,
     raise_fd_limit,
     table,
-    write_outputs,
 )
 from .plot import line_plot
 
@@ -255,7 +255,6 @@ def run(args: argparse.Namespace) -> int:
         "runs": runs,
     }
     folder = out_dir(args.out)
-    paths = write_outputs(folder, "wait", data, markdown)
     panels = []
     for k in sorted({ready[0], ready[-1]}):
         series = {
@@ -271,10 +270,7 @@ def run(args: argparse.Namespace) -> int:
         logx=True,
         logy=True,
     )
-    print(markdown)
-    for path in [*paths, *([png] if png else [])]:
-        progress(f"wrote {path}")
-    return 0
+    return publish(folder, "wait", data, markdown, png)
 
 
 def add_parser(sub: Any) -> None:

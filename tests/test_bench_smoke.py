@@ -147,6 +147,76 @@ def test_syscalls(tmp_path: Path) -> None:
         assert result.get("per_request", 0) > 0, result
 
 
+HAS_CALLGRIND = bool(shutil.which("valgrind") and shutil.which("callgrind_control"))
+
+
+@needs_cc
+@pytest.mark.skipif(not REACTOR, reason="no iomux reactor (iomux.serve) to count")
+@pytest.mark.skipif(not HAS_CALLGRIND, reason="valgrind is not installed")
+def test_instructions(tmp_path: Path) -> None:
+    """One iomux server under callgrind for 300 requests: a real count, every request answered."""
+    server = "iomux-io_uring" if "io_uring" in AVAILABLE else "iomux-epoll"
+    requests, conns = 300, 10
+    data = run_bench(
+        tmp_path,
+        "instructions",
+        *("--requests", str(requests), "--conns", str(conns)),
+        *("--server", server, "--no-peers"),
+    )
+    assert [s["name"] for s in data["servers"]] == [server]
+    [run] = data["runs"]
+    assert run["server"] == server and run["conns"] == conns, run
+    assert "error" not in run, run
+    # echoload stops at the first pass over its ready connections that reaches the
+    # count, so it may see up to one more reply per connection than it asked for.
+    assert requests <= run["requests"] < requests + conns, run
+    assert run["instructions"] > 0
+    assert 100 < run["instructions_per_request"] < 1_000_000, run
+    assert run["instructions_per_request"] == run["instructions"] / run["requests"]
+    cell = data["summary"][server][str(conns)]
+    assert cell["instructions_per_request"] == run["instructions_per_request"]
+    assert server in (tmp_path / "instructions.md").read_text()
+
+
+def test_instructions_needs_valgrind(monkeypatch: pytest.MonkeyPatch) -> None:
+    from iomux.bench import instructions
+    from iomux.bench.loadgen import BenchError
+
+    monkeypatch.setattr(instructions.shutil, "which", lambda name: None)
+    with pytest.raises(BenchError, match="apt-get install valgrind"):
+        instructions.find_tools()
+
+
+def test_callgrind_parser() -> None:
+    from iomux.bench.instructions import parse_callgrind_total
+
+    head = "# callgrind format\nversion: 1\ncreator: callgrind-3.19.0\nevents: Ir\n"
+    body = "\nfn=(1) main\n16 3\n+1 4\n"
+    assert parse_callgrind_total(head + "summary: 74846587\n" + body + "totals: 80353782") == (
+        74846587
+    )
+    assert parse_callgrind_total(head + body + "totals: 7\n") == 7
+    assert parse_callgrind_total(head + body) is None
+
+
+def test_traceable_argv(tmp_path: Path) -> None:
+    import sys
+
+    from iomux.bench.instructions import traceable_argv
+    from iomux.bench.loadgen import BenchError
+
+    assert traceable_argv([sys.executable, "-m", "x"]) == [sys.executable, "-m", "x"]
+    shim = tmp_path / "python"
+    shim.write_text('#!/bin/sh\nexec python3 "$@"\n')
+    shim.chmod(0o755)
+    replaced = traceable_argv([str(shim), "-m", "x"])
+    assert replaced[1:] == ["-m", "x"] and replaced[0] != str(shim)
+    other = tmp_path / "wrapper"
+    other.write_text("#!/bin/sh\n")
+    with pytest.raises(BenchError, match="not a binary"):
+        traceable_argv([str(other)])
+
+
 def test_receive(tmp_path: Path) -> None:
     """Every configuration received every byte (the benchmark checks the count) and
     reports its figures; whole buffers with bundles fill several per receive.
