@@ -1,4 +1,5 @@
-"""User-space instructions per echoed request: each echo server under callgrind.
+"""User-space instructions per request: each echo server (or, with ``--app http``,
+each HTTP server, uvicorn on every loop included) under callgrind.
 
 Each server is started under ``valgrind --tool=callgrind``, which counts every
 machine instruction the server process runs in user space (its own code,
@@ -54,6 +55,8 @@ READY_TIMEOUT = 120.0
 DUMP_TIMEOUT = 60.0
 KEYS = ("instructions_per_request", "instructions", "requests")
 BASE = "uvloop"
+#: What one request is, per --app.
+APPS = {"echo": "64-byte echo request", "http": "HTTP keep-alive request"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,8 +179,11 @@ def _read_dump(path: Path, timeout: float) -> str:
     raise BenchError(f"callgrind wrote no complete dump {path.name} in {timeout:.0f}s")
 
 
-def instruction_run(spec: ServerSpec, conns: int, requests: int, tools: Tools) -> dict[str, Any]:
-    """Count one server's instructions over ``requests`` echo requests on ``conns`` connections.
+def instruction_run(
+    spec: ServerSpec, conns: int, requests: int, tools: Tools, http: bool = False
+) -> dict[str, Any]:
+    """Count one server's instructions over ``requests`` requests on ``conns`` connections
+    (64-byte echoes, or HTTP keep-alive GETs with ``http``).
 
     Returns the total, the requests the load generator saw answered and their
     quotient, or ``{"error": ...}`` / ``{"skipped": ...}``.
@@ -193,7 +199,7 @@ def instruction_run(spec: ServerSpec, conns: int, requests: int, tools: Tools) -
                 try:
                     server.wait_ready(timeout=READY_TIMEOUT)
                     pid = server.proc.pid  # valgrind runs the server in its own process
-                    run_load(LoadSpec(port=port, conns=conns, requests=WARMUP_REQUESTS))
+                    run_load(LoadSpec(port=port, conns=conns, requests=WARMUP_REQUESTS, http=http))
                     _control(tools, "-z", pid)
                     result = run_load(
                         LoadSpec(
@@ -202,6 +208,7 @@ def instruction_run(spec: ServerSpec, conns: int, requests: int, tools: Tools) -
                             warmup=0.0,
                             duration=COUNT_WINDOW,
                             requests=requests,
+                            http=http,
                         ),
                         timeout=COUNT_WINDOW + 60.0,
                     )
@@ -292,8 +299,8 @@ def render(
     repeats = config["repeats"]
     malloc = config["malloc"]
     title = (
-        f"# User-space instructions per echo request ({config['requests']:,} requests per "
-        f"run, 64-byte messages)\n\n`{command}`\n\n"
+        f"# User-space instructions per {APPS[config['app']]} ({config['requests']:,} "
+        f"requests per run)\n\n`{command}`\n\n"
     )
     method = (
         f"\nCounted by {config['valgrind'] or 'valgrind'} `--tool=callgrind` in the server "
@@ -323,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
     requests = args.requests or (1000 if args.quick else 20000)
     conns = tuple(args.conns or ((10,) if args.quick else (100,)))
     repeats = args.repeats or 1
-    specs, notes = pick_specs("echo", args, "instructions")
+    specs, notes = pick_specs(args.app, args, "instructions")
     if not specs:
         return 1
     echoload_path()
@@ -331,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
     for rep in range(repeats):
         for c in conns:
             for spec in specs:
-                result = instruction_run(spec, c, requests, tools)
+                result = instruction_run(spec, c, requests, tools, http=args.app == "http")
                 runs.append({"rep": rep, "server": spec.name, "conns": c, **result})
                 progress(
                     f"instructions: rep {rep + 1}/{repeats} c={c} {spec.name}: {describe(result)}"
@@ -340,6 +347,7 @@ def run(args: argparse.Namespace) -> int:
     facts = common.machine_facts()
     command = common.command_line(args)
     config = {
+        "app": args.app,
         "requests": requests,
         "conns": conns,
         "repeats": repeats,
@@ -369,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
             )
             for c in conns
         ],
-        "User-space instructions per echo request (callgrind)",
+        f"User-space instructions per {APPS[args.app]} (callgrind)",
     )
     return common.publish(folder, "instructions", data, markdown, png)
 
@@ -377,13 +385,20 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     """Add ``instructions`` to the ``bench`` subcommands."""
     p = sub.add_parser(
-        "instructions", help="callgrind: user-space instructions per echo request per server"
+        "instructions", help="callgrind: user-space instructions per request per server"
     )
     p.add_argument("--requests", type=int, help="requests counted per run (default 20000)")
     p.add_argument(
         "--conns", type=_int_list, help="comma-separated connection counts (default 100)"
     )
     p.add_argument("--repeats", type=int, help="runs per server and count (median kept)")
+    p.add_argument(
+        "--app",
+        choices=tuple(APPS),
+        default="echo",
+        help="echo: the echo servers, 64-byte messages (default); http: the HTTP servers "
+        "(iomux serve http, asyncio/uvloop + httptools, uvicorn on each loop), keep-alive GETs",
+    )
     add_server_choice(p)
     add_malloc_option(p, "steady")
     p.set_defaults(func=run)

@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
                 runs.setdefault(key, []).append(_one(options, bundles, mib, pin))
     finally:
         os.sched_setaffinity(0, affinity)
-    rows, medians = [], {}
+    rows: list[list[str]] = []
+    medians: dict[str, dict[str, Any]] = {}
     for key, results in runs.items():
         m = {
             k: median(x[k] for x in results)

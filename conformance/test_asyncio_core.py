@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import fractions
 import gc
 import logging
 import os
@@ -236,6 +237,92 @@ def test_a_callback_can_cancel_a_later_callback(aio_loop: Loop) -> None:
     aio_loop.call_soon(timer.cancel)
     run(aio_loop, asyncio.sleep(0.03))
     assert seen == ["first"]
+
+
+def test_timer_delays_and_times_of_every_number_type(aio_loop: Loop) -> None:
+    """Ints, floats, bools and Fractions schedule timers; None and an int too large
+    for a float are refused with the same errors; ``when()`` is what was asked."""
+    seen: list[str] = []
+    aio_loop.call_later(0, seen.append, "int")
+    aio_loop.call_later(0.001, seen.append, "float")
+    aio_loop.call_later(False, seen.append, "bool")
+    aio_loop.call_later(fractions.Fraction(1, 1000), seen.append, "fraction")  # type: ignore[arg-type]
+    whole = int(aio_loop.time())
+    at = aio_loop.call_at(whole, seen.append, "int when")
+    assert at.when() == whole and type(at.when()) is int
+    with pytest.raises(TypeError):
+        aio_loop.call_later(None, seen.append, "none")  # type: ignore[arg-type]
+    with pytest.raises(OverflowError):
+        aio_loop.call_later(10**400, seen.append, "huge")
+    run(aio_loop, wait_until(lambda: len(seen) == 5, what="five timers"))
+    assert sorted(seen) == ["bool", "float", "fraction", "int", "int when"]
+
+
+def test_scheduling_methods_refuse_unknown_keywords_and_missing_callbacks(
+    aio_loop: Loop,
+) -> None:
+    calls: list[Callable[[], object]] = [
+        lambda: aio_loop.call_soon(print, sep="-"),  # type: ignore[call-arg]
+        lambda: aio_loop.call_later(1, print, end=""),  # type: ignore[call-arg]
+        lambda: aio_loop.call_at(1, print, flush=True),  # type: ignore[call-arg]
+        lambda: aio_loop.call_soon(),  # type: ignore[call-arg]
+        lambda: aio_loop.call_later(1),  # type: ignore[call-arg]
+        lambda: aio_loop.call_at(),  # type: ignore[call-arg]
+    ]
+    for call in calls:
+        with pytest.raises(TypeError):
+            call()
+    run(aio_loop, asyncio.sleep(0))  # nothing was half-scheduled
+
+
+def test_callbacks_can_cancel_their_own_handle_and_timer(aio_loop: Loop) -> None:
+    seen: list[str] = []
+    handles: dict[str, asyncio.Handle] = {}
+
+    def cancel_self(name: str) -> None:
+        seen.append(name)
+        handles[name].cancel()
+        assert handles[name].cancelled()
+
+    handles["soon"] = aio_loop.call_soon(cancel_self, "soon")
+    handles["later"] = aio_loop.call_later(0.001, cancel_self, "later")
+    run(aio_loop, wait_until(lambda: len(seen) == 2, what="both callbacks"))
+    assert sorted(seen) == ["later", "soon"]
+
+
+def test_keyboard_interrupt_in_a_callback_stops_the_loop_and_keeps_the_rest(
+    aio_loop: Loop,
+) -> None:
+    seen: list[str] = []
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    aio_loop.call_soon(seen.append, "before")
+    aio_loop.call_soon(interrupt)
+    aio_loop.call_soon(seen.append, "after")
+    with pytest.raises(KeyboardInterrupt):
+        aio_loop.run_forever()
+    assert seen == ["before"]
+    aio_loop.call_soon(aio_loop.stop)
+    run_forever(aio_loop)  # the callbacks left over run first
+    assert seen == ["before", "after"]
+
+
+def test_scheduling_on_a_closed_loop_is_refused(aio_loop_factory: LoopFactory) -> None:
+    loop = aio_loop_factory()
+    loop.close()
+    coro = asyncio.sleep(0)
+    calls: list[Callable[[], object]] = [
+        lambda: loop.call_soon(print),
+        lambda: loop.call_later(1, print),
+        lambda: loop.call_at(1, print),
+        lambda: loop.create_task(coro),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+    coro.close()
 
 
 # --- running and stopping -----------------------------------------------------------------

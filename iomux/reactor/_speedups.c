@@ -1,5 +1,5 @@
 /*
- * iomux.reactor._speedups: the loop's event dispatch in C.
+ * iomux.reactor._speedups: the loop's event dispatch and scheduling in C.
  *
  * A completion port hands the loop, per iteration, a table of 16-byte
  * event records (slot, kind, result, offset) and the data area that DATA
@@ -21,6 +21,10 @@
  * StageWriteMethod is a completion stream transport's write(): it appends
  * the bytes to the port's stage and (slot, length) to its send pairs, which
  * the next enter submits, and hands every other case to Python.
+ * LoopMethod is one of the loop's scheduling methods (call_soon, call_at,
+ * call_later, a timer's cancel, create_task, get_debug, the run of the
+ * ready callbacks): it makes and runs asyncio's own handles as the loop's
+ * Python code does outside debug mode, and hands every other case to it.
  *
  * The transports' attributes are read at the offsets of their class's
  * __slots__ member descriptors, and only for objects of exactly that
@@ -33,6 +37,7 @@
 #include <limits.h>
 #include <stdint.h>
 #include <structmember.h>
+#include <time.h>
 #if PY_VERSION_HEX < 0x030B0000
 #include <longintrepr.h> /* the digits of an int (included by Python.h from 3.11) */
 #endif
@@ -115,6 +120,27 @@ static inline PyObject *slot_value(PyObject *obj, Py_ssize_t offset) {
     return *(PyObject **)((char *)obj + offset);
 }
 
+/* The offsets of cls's __slots__ attributes names[0..n) in its instances. */
+static int slot_offsets(PyObject *cls, const char *const *names, int n, Py_ssize_t *offset,
+                        const char *what) {
+    for (int i = 0; i < n; i++) {
+        PyObject *descr = PyObject_GetAttrString(cls, names[i]);
+        if (descr == NULL)
+            return -1;
+        int ok = Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
+                 ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX;
+        if (ok)
+            offset[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
+        Py_DECREF(descr);
+        if (!ok) {
+            PyErr_Format(PyExc_TypeError, "%s: %s.%s is not a __slots__ attribute", what,
+                         ((PyTypeObject *)cls)->tp_name, names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* Take cls, the offsets of its __slots__ attributes names[0..n), and
  * refs[0..nrefs) (each must be callable from callable_from on). */
 static int setup(Dispatcher *self, PyObject *cls, const char *const *names, int n,
@@ -125,21 +151,8 @@ static int setup(Dispatcher *self, PyObject *cls, const char *const *names, int 
             return -1;
         }
     }
-    for (int i = 0; i < n; i++) {
-        PyObject *descr = PyObject_GetAttrString(cls, names[i]);
-        if (descr == NULL)
-            return -1;
-        int ok = Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
-                 ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX;
-        if (ok)
-            self->offset[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
-        Py_DECREF(descr);
-        if (!ok) {
-            PyErr_Format(PyExc_TypeError, "%s: %s.%s is not a __slots__ attribute", what,
-                         ((PyTypeObject *)cls)->tp_name, names[i]);
-            return -1;
-        }
-    }
+    if (slot_offsets(cls, names, n, self->offset, what) < 0)
+        return -1;
     Py_INCREF(cls);
     Py_XSETREF(self->cls, (PyTypeObject *)cls);
     for (int i = 0; i < nrefs; i++) {
@@ -163,17 +176,23 @@ static int dispatcher_clear(Dispatcher *self) {
     return 0;
 }
 
-static void dispatcher_dealloc(Dispatcher *self) {
+/* Every type here: untrack, clear (its tp_clear), free. */
+static void gc_dealloc(PyObject *self) {
     PyObject_GC_UnTrack(self);
-    dispatcher_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    Py_TYPE(self)->tp_clear(self);
+    Py_TYPE(self)->tp_free(self);
+}
+
+/* The exception set is SystemExit or KeyboardInterrupt: it goes on up. */
+static inline int exiting(void) {
+    return PyErr_ExceptionMatches(PyExc_SystemExit) ||
+           PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
 }
 
 /* A call raised: SystemExit and KeyboardInterrupt go on up (-1); anything
  * else goes to failed(transport, exc) (0, or -1 if that raised). */
 static int report_failure(PyObject *failed, PyObject *owner) {
-    if (PyErr_ExceptionMatches(PyExc_SystemExit) ||
-        PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+    if (exiting())
         return -1;
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
@@ -664,6 +683,468 @@ static PyObject *write_method_call(Dispatcher *self, PyObject *const *args, size
     Py_RETURN_NONE;
 }
 
+/* -- the loop's callbacks and timers ---------------------------------------------- */
+
+/* LoopMethod(kind, loop_cls, handle_cls, timer_cls, slow, helper) is one of
+ * the loop's scheduling methods, as a method of loop_cls (or, for "cancel",
+ * of timer_cls). It fills asyncio's Handle and the loop's TimerHandle
+ * subclass at their __slots__ offsets, as BaseReactor's Python code does
+ * outside debug mode, and hands every other case (a closed loop, debug
+ * mode, a task factory, arguments it does not take) to slow, the Python
+ * method it replaces. Loop attributes are read at the offsets of
+ * BaseReactor's __slots__, which every subclass keeps. */
+enum { L_READY, L_SCHEDULED, L_CLOSED, L_DEBUG, L_TIMER_NUMBER, L_CANCELLED, L_TASK_FACTORY,
+       L_COUNT };
+static const char *const loop_attrs[L_COUNT] = {
+    "_ready",         "_scheduled", "_closed", "_debug", "_timer_number", "_timer_cancelled_count",
+    "_task_factory",
+};
+/* Handle's fields, then TimerHandle's own two. */
+enum { H_CALLBACK, H_ARGS, H_CANCELLED, H_LOOP, H_TRACEBACK, H_REPR, H_CONTEXT, H_WHEN, H_SCHEDULED,
+       H_COUNT };
+#define HANDLE_FIELDS H_WHEN
+static const char *const handle_attrs[H_COUNT] = {
+    "_callback", "_args",    "_cancelled", "_loop",      "_source_traceback",
+    "_repr",     "_context", "_when",      "_scheduled",
+};
+/* What each kind is; helper is deque.append, heapq.heappush, deque.popleft,
+ * the Task class, or None. */
+enum { K_CALL_SOON, K_CALL_AT, K_CALL_LATER, K_CANCEL, K_RUN_READY, K_CREATE_TASK, K_GET_DEBUG,
+       K_COUNT };
+static const char *const kinds[K_COUNT] = {
+    "call_soon", "call_at", "call_later", "cancel", "_run_ready", "create_task", "get_debug",
+};
+
+/* The objects a LoopMethod holds: the classes, then what it calls. */
+enum { M_LOOP_CLS, M_HANDLE_CLS, M_TIMER_CLS, M_SLOW, M_HELPER, M_COUNT };
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    int kind;
+    union {
+        PyObject *refs[M_COUNT];
+        struct {
+            PyTypeObject *loop_cls, *handle_cls, *timer_cls;
+            PyObject *slow, *helper;
+        };
+    };
+    Py_ssize_t loop_at[L_COUNT];
+    Py_ssize_t handle_at[H_COUNT];
+} LoopMethod;
+_Static_assert(offsetof(LoopMethod, helper) == offsetof(LoopMethod, refs[M_HELPER]),
+               "LoopMethod's named references are its refs");
+
+/* The keyword names create_task passes to Task: loop, and name and context where given. */
+static PyObject *task_kwnames[4];
+
+static inline PyObject *loop_get(LoopMethod *self, PyObject *loop, int i) {
+    return slot_value(loop, self->loop_at[i]);
+}
+
+static inline PyObject *handle_get(LoopMethod *self, PyObject *handle, int i) {
+    return slot_value(handle, self->handle_at[i]);
+}
+
+/* Store a new reference in a slot, dropping what it held. */
+static inline void slot_set(PyObject *obj, Py_ssize_t offset, PyObject *value) {
+    Py_XSETREF(*(PyObject **)((char *)obj + offset), value);
+}
+
+/* A loop this method may act for: of loop_cls, open, not in debug mode. */
+static inline int plain_loop(LoopMethod *self, PyObject *loop) {
+    return PyObject_TypeCheck(loop, self->loop_cls) && loop_get(self, loop, L_CLOSED) == Py_False &&
+           loop_get(self, loop, L_DEBUG) == Py_False;
+}
+
+static PyObject *loop_slow(LoopMethod *self, PyObject *const *args, size_t nargsf,
+                           PyObject *kwnames) {
+    return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
+}
+
+/* The keyword arguments of call_soon/call_at/call_later: none, or context
+ * (*context set, NULL for None). 0: taken; -1: others, for the slow path. */
+static int context_keyword(PyObject *kwnames, PyObject *const *values, PyObject **context) {
+    *context = NULL;
+    if (kwnames == NULL || PyTuple_GET_SIZE(kwnames) == 0)
+        return 0;
+    if (PyTuple_GET_SIZE(kwnames) != 1 ||
+        PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "context") != 0)
+        return -1;
+    *context = values[0] == Py_None ? NULL : values[0];
+    return 0;
+}
+
+/* What Handle(callback, args, loop, context) makes outside debug mode (a
+ * TimerHandle without its _when and _scheduled when type is the timer class). */
+static PyObject *new_handle(LoopMethod *self, PyTypeObject *type, PyObject *loop,
+                            PyObject *callback, PyObject *const *args, Py_ssize_t nargs,
+                            PyObject *context) {
+    PyObject *tuple = PyTuple_New(nargs);
+    if (tuple == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        PyTuple_SET_ITEM(tuple, i, Py_NewRef(args[i]));
+    PyObject *ctx = context != NULL ? Py_NewRef(context) : PyContext_CopyCurrent();
+    PyObject *handle = ctx != NULL ? type->tp_alloc(type, 0) : NULL;
+    if (handle == NULL) {
+        Py_XDECREF(ctx);
+        Py_DECREF(tuple);
+        return NULL;
+    }
+    const Py_ssize_t *at = self->handle_at;
+    slot_set(handle, at[H_CALLBACK], Py_NewRef(callback));
+    slot_set(handle, at[H_ARGS], tuple);
+    slot_set(handle, at[H_CANCELLED], Py_NewRef(Py_False));
+    slot_set(handle, at[H_LOOP], Py_NewRef(loop));
+    slot_set(handle, at[H_TRACEBACK], Py_NewRef(Py_None));
+    slot_set(handle, at[H_REPR], Py_NewRef(Py_None));
+    slot_set(handle, at[H_CONTEXT], ctx);
+    return handle;
+}
+
+/* loop.call_soon(callback, *args, context=None) */
+static PyObject *call_soon_call(LoopMethod *self, PyObject *const *args, size_t nargsf,
+                                PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *context, *ready;
+    if (nargs < 2 || !plain_loop(self, args[0]) ||
+        context_keyword(kwnames, args + nargs, &context) < 0 ||
+        (ready = loop_get(self, args[0], L_READY)) == NULL)
+        return loop_slow(self, args, nargsf, kwnames);
+    PyObject *handle =
+        new_handle(self, self->handle_cls, args[0], args[1], args + 2, nargs - 2, context);
+    if (handle == NULL)
+        return NULL;
+    PyObject *append[2] = {ready, handle};
+    PyObject *result = PyObject_Vectorcall(self->helper, append, 2, NULL);
+    if (result == NULL) {
+        Py_DECREF(handle);
+        return NULL;
+    }
+    Py_DECREF(result);
+    return handle;
+}
+
+/* time.monotonic(), computed as it does. */
+static double monotonic(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    int64_t ns = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    return ns % 1000000000 == 0 ? (double)(ns / 1000000000) : (double)ns / 1e9;
+}
+
+/* loop.call_at(when, callback, *args, context=None) and
+ * loop.call_later(delay, callback, *args, context=None) */
+static PyObject *timer_call(LoopMethod *self, PyObject *const *args, size_t nargsf,
+                            PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *context, *scheduled, *number_of;
+    if (nargs < 3 || !plain_loop(self, args[0]) ||
+        context_keyword(kwnames, args + nargs, &context) < 0 ||
+        !(PyFloat_CheckExact(args[1]) || PyLong_CheckExact(args[1])) ||
+        (scheduled = loop_get(self, args[0], L_SCHEDULED)) == NULL ||
+        (number_of = loop_get(self, args[0], L_TIMER_NUMBER)) == NULL)
+        return loop_slow(self, args, nargsf, kwnames);
+    PyObject *when;
+    if (self->kind == K_CALL_LATER) {
+        double delay = PyFloat_CheckExact(args[1]) ? PyFloat_AS_DOUBLE(args[1])
+                                                   : PyLong_AsDouble(args[1]);
+        if (delay == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear(); /* an int too large for a float: as Python says it */
+            return loop_slow(self, args, nargsf, kwnames);
+        }
+        when = PyFloat_FromDouble(monotonic() + delay);
+    } else {
+        when = Py_NewRef(args[1]);
+    }
+    PyObject *number = when != NULL ? PyObject_CallNoArgs(number_of) : NULL;
+    PyObject *timer =
+        number != NULL
+            ? new_handle(self, self->timer_cls, args[0], args[2], args + 3, nargs - 3, context)
+            : NULL;
+    PyObject *entry = timer != NULL ? PyTuple_Pack(3, when, number, timer) : NULL;
+    PyObject *result = NULL;
+    if (entry != NULL) {
+        slot_set(timer, self->handle_at[H_WHEN], Py_NewRef(when));
+        PyObject *push[2] = {scheduled, entry};
+        result = PyObject_Vectorcall(self->helper, push, 2, NULL);
+    }
+    Py_XDECREF(entry);
+    Py_XDECREF(number);
+    Py_XDECREF(when);
+    if (result == NULL) {
+        Py_XDECREF(timer);
+        return NULL;
+    }
+    Py_DECREF(result);
+    slot_set(timer, self->handle_at[H_SCHEDULED], Py_NewRef(Py_True));
+    return timer;
+}
+
+/* timer.cancel(): the loop drops it from its heap lazily. */
+static PyObject *cancel_call(LoopMethod *self, PyObject *const *args, size_t nargsf,
+                             PyObject *kwnames) {
+    PyObject *timer, *loop, *scheduled, *count;
+    long long cancelled_count;
+    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames)) ||
+        !PyObject_TypeCheck((timer = args[0]), self->timer_cls))
+        return loop_slow(self, args, nargsf, kwnames);
+    PyObject *cancelled = handle_get(self, timer, H_CANCELLED);
+    if (cancelled == Py_True)
+        Py_RETURN_NONE;
+    if (cancelled != Py_False || (loop = handle_get(self, timer, H_LOOP)) == NULL ||
+        !PyObject_TypeCheck(loop, self->loop_cls) || loop_get(self, loop, L_DEBUG) != Py_False ||
+        (scheduled = handle_get(self, timer, H_SCHEDULED)) == NULL ||
+        (scheduled == Py_True &&
+         small_int(loop_get(self, loop, L_CANCELLED), &cancelled_count)))
+        return loop_slow(self, args, nargsf, kwnames);
+    if (scheduled == Py_True) {
+        if ((count = PyLong_FromLongLong(cancelled_count + 1)) == NULL)
+            return NULL;
+        slot_set(loop, self->loop_at[L_CANCELLED], count);
+    }
+    slot_set(timer, self->handle_at[H_CANCELLED], Py_NewRef(Py_True));
+    slot_set(timer, self->handle_at[H_CALLBACK], Py_NewRef(Py_None));
+    slot_set(timer, self->handle_at[H_ARGS], Py_NewRef(Py_None));
+    Py_RETURN_NONE;
+}
+
+/* A callback raised: what the Python loop does, loop._callback_failed(handle,
+ * exc), except for SystemExit and KeyboardInterrupt, which go on up (-1). */
+static int callback_failed(PyObject *loop, PyObject *handle) {
+    if (exiting())
+        return -1;
+    PyObject *type, *value, *tb; /* put aside while the method is looked up */
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *failed = PyObject_GetAttrString(loop, "_callback_failed");
+    if (failed == NULL) {
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        return -1;
+    }
+    PyErr_Restore(type, value, tb);
+    int rc = report_failure(failed, handle);
+    Py_DECREF(failed);
+    return rc;
+}
+
+/* Run one handle as Handle._run does: 0, or -1 for an exception to propagate. */
+static int run_handle(PyObject *loop, PyObject *handle, PyObject *cancelled, PyObject *context,
+                      PyObject *callback, PyObject *args) {
+    int skip = cancelled == Py_True ? 1 : cancelled == Py_False ? 0 : PyObject_IsTrue(cancelled);
+    if (skip != 0)
+        return skip < 0 ? -1 : 0;
+    PyObject *result = NULL;
+    PyObject *tuple = PyTuple_CheckExact(args) ? Py_NewRef(args) : PySequence_Tuple(args);
+    if (tuple != NULL && PyContext_Enter(context) == 0) {
+        result = PyObject_Call(callback, tuple, NULL);
+        if (PyContext_Exit(context) != 0)
+            Py_CLEAR(result);
+    }
+    Py_XDECREF(tuple);
+    if (result != NULL) {
+        Py_DECREF(result);
+        return 0;
+    }
+    return callback_failed(loop, handle);
+}
+
+/* loop._run_ready(): run the callbacks ready now (not those they schedule), in order. */
+static PyObject *run_ready_call(LoopMethod *self, PyObject *const *args, size_t nargsf,
+                                PyObject *kwnames) {
+    PyObject *loop, *ready;
+    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames)) ||
+        !PyObject_TypeCheck((loop = args[0]), self->loop_cls) ||
+        (ready = loop_get(self, loop, L_READY)) == NULL)
+        return loop_slow(self, args, nargsf, kwnames);
+    Py_INCREF(ready); /* a callback may replace loop._ready */
+    Py_ssize_t n = PyObject_Size(ready);
+    int rc = n < 0 ? -1 : 0;
+    for (Py_ssize_t i = 0; i < n && rc == 0; i++) {
+        PyObject *handle = PyObject_Vectorcall(self->helper, &ready, 1, NULL);
+        if (handle == NULL) {
+            rc = -1;
+            break;
+        }
+        /* Held across the call: the callback may cancel its own handle. */
+        PyObject *f[4];
+        if (PyObject_TypeCheck(handle, self->handle_cls)) {
+            static const int fields[4] = {H_CANCELLED, H_CONTEXT, H_CALLBACK, H_ARGS};
+            for (int j = 0; j < 4; j++)
+                f[j] = Py_XNewRef(handle_get(self, handle, fields[j]));
+            if (!(f[0] && f[1] && f[2] && f[3]))
+                PyErr_SetString(PyExc_AttributeError, "a ready handle lacks its fields");
+        } else {
+            static const char *const names[4] = {"_cancelled", "_context", "_callback", "_args"};
+            for (int j = 0; j < 4; j++)
+                f[j] = j == 0 || f[j - 1] != NULL ? PyObject_GetAttrString(handle, names[j])
+                                                  : NULL;
+        }
+        if (f[0] && f[1] && f[2] && f[3])
+            rc = run_handle(loop, handle, f[0], f[1], f[2], f[3]);
+        else
+            rc = callback_failed(loop, handle);
+        for (int j = 0; j < 4; j++)
+            Py_XDECREF(f[j]);
+        Py_DECREF(handle);
+    }
+    Py_DECREF(ready);
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* loop.create_task(coro, *, name=None, context=None) */
+static PyObject *create_task_call(LoopMethod *self, PyObject *const *args, size_t nargsf,
+                                  PyObject *kwnames) {
+    Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
+    PyObject *name = NULL, *context = NULL;
+    if (PyVectorcall_NARGS(nargsf) != 2 || !plain_loop(self, args[0]) ||
+        loop_get(self, args[0], L_TASK_FACTORY) != Py_None)
+        return loop_slow(self, args, nargsf, kwnames);
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, i), *value = args[2 + i];
+        if (PyUnicode_CompareWithASCIIString(key, "name") == 0)
+            name = value;
+        else if (PyUnicode_CompareWithASCIIString(key, "context") == 0)
+            context = value == Py_None ? NULL : value;
+        else
+            return loop_slow(self, args, nargsf, kwnames);
+    }
+    /* Task(coro, loop=loop[, name=name][, context=context]) */
+    PyObject *call[5] = {NULL, args[1], args[0]};
+    int which = 0, n = 3;
+    if (name != NULL) {
+        call[n++] = name;
+        which |= 1;
+    }
+    if (context != NULL) {
+        call[n++] = context;
+        which |= 2;
+    }
+    return PyObject_Vectorcall(self->helper, call + 1, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                               task_kwnames[which]);
+}
+
+/* loop.get_debug() */
+static PyObject *get_debug_call(LoopMethod *self, PyObject *const *args, size_t nargsf,
+                                PyObject *kwnames) {
+    PyObject *debug;
+    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames)) ||
+        !PyObject_TypeCheck(args[0], self->loop_cls) ||
+        (debug = loop_get(self, args[0], L_DEBUG)) == NULL)
+        return loop_slow(self, args, nargsf, kwnames);
+    return Py_NewRef(debug);
+}
+
+static const vectorcallfunc loop_calls[K_COUNT] = {
+    (vectorcallfunc)call_soon_call,   (vectorcallfunc)timer_call,
+    (vectorcallfunc)timer_call,       (vectorcallfunc)cancel_call,
+    (vectorcallfunc)run_ready_call,   (vectorcallfunc)create_task_call,
+    (vectorcallfunc)get_debug_call,
+};
+
+static int loop_method_init(LoopMethod *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"kind", "loop_cls", "handle_cls", "timer_cls", "slow", "helper", NULL};
+    const char *kind;
+    PyObject *loop_cls, *handle_cls, *timer_cls, *slow, *helper;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sO!O!O!OO:LoopMethod", kwlist, &kind,
+                                     &PyType_Type, &loop_cls, &PyType_Type, &handle_cls,
+                                     &PyType_Type, &timer_cls, &slow, &helper))
+        return -1;
+    int k = 0;
+    while (k < K_COUNT && strcmp(kinds[k], kind) != 0)
+        k++;
+    if (k == K_COUNT) {
+        PyErr_Format(PyExc_ValueError,
+                     "LoopMethod: unknown kind '%s' (call_soon, call_at, call_later, cancel, "
+                     "_run_ready, create_task or get_debug)",
+                     kind);
+        return -1;
+    }
+    int needs_helper = k != K_CANCEL && k != K_GET_DEBUG;
+    if (!PyCallable_Check(slow) || (needs_helper && !PyCallable_Check(helper))) {
+        PyErr_Format(PyExc_TypeError, "LoopMethod: %R is not callable",
+                     PyCallable_Check(slow) ? helper : slow);
+        return -1;
+    }
+    if (!PyType_IsSubtype((PyTypeObject *)timer_cls, (PyTypeObject *)handle_cls)) {
+        PyErr_Format(PyExc_TypeError, "LoopMethod: %R is not a subclass of %R", timer_cls,
+                     handle_cls);
+        return -1;
+    }
+    Py_ssize_t handle_at[HANDLE_FIELDS];
+    if (slot_offsets(loop_cls, loop_attrs, L_COUNT, self->loop_at, "LoopMethod") < 0 ||
+        slot_offsets(timer_cls, handle_attrs, H_COUNT, self->handle_at, "LoopMethod") < 0 ||
+        slot_offsets(handle_cls, handle_attrs, HANDLE_FIELDS, handle_at, "LoopMethod") < 0)
+        return -1;
+    self->kind = k;
+    self->vectorcall = loop_calls[k];
+    PyObject *refs[M_COUNT] = {loop_cls, handle_cls, timer_cls, slow, helper};
+    for (int i = 0; i < M_COUNT; i++)
+        Py_XSETREF(self->refs[i], Py_NewRef(refs[i]));
+    return 0;
+}
+
+/* Not initialised: every call raises. */
+static PyObject *loop_method_unset(PyObject *self, PyObject *const *args, size_t nargsf,
+                                   PyObject *kwnames) {
+    PyErr_SetString(PyExc_RuntimeError, "LoopMethod: not initialised");
+    return NULL;
+}
+
+static PyObject *loop_method_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    LoopMethod *self = (LoopMethod *)PyType_GenericNew(type, args, kwds);
+    if (self != NULL)
+        self->vectorcall = loop_method_unset;
+    return (PyObject *)self;
+}
+
+static int loop_method_traverse(LoopMethod *self, visitproc visit, void *arg) {
+    for (int i = 0; i < M_COUNT; i++)
+        Py_VISIT(self->refs[i]);
+    return 0;
+}
+
+static int loop_method_clear(LoopMethod *self) {
+    self->vectorcall = loop_method_unset;
+    for (int i = 0; i < M_COUNT; i++)
+        Py_CLEAR(self->refs[i]);
+    return 0;
+}
+
+static PyObject *loop_method_doc(LoopMethod *self, void *closure) {
+    if (self->slow == NULL)
+        Py_RETURN_NONE;
+    return PyObject_GetAttrString(self->slow, "__doc__");
+}
+
+static PyGetSetDef loop_method_getset[] = {
+    {"__doc__", (getter)loop_method_doc, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject LoopMethodType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "iomux.reactor._speedups.LoopMethod",
+    .tp_doc = PyDoc_STR("LoopMethod(kind, loop_cls, handle_cls, timer_cls, slow, helper): one of "
+                        "the loop's scheduling methods (see iomux.reactor.base)."),
+    .tp_basicsize = sizeof(LoopMethod),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+                Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_new = loop_method_new,
+    .tp_init = (initproc)loop_method_init,
+    .tp_dealloc = gc_dealloc,
+    .tp_free = PyObject_GC_Del,
+    .tp_traverse = (traverseproc)loop_method_traverse,
+    .tp_clear = (inquiry)loop_method_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(LoopMethod, vectorcall),
+    .tp_descr_get = write_get,
+    .tp_getset = loop_method_getset,
+};
+
 /* -- the types and the module ------------------------------------------------------ */
 
 /* The two types differ in their name, doc and __init__ (and their call). */
@@ -673,7 +1154,7 @@ static PyObject *write_method_call(Dispatcher *self, PyObject *const *args, size
         .tp_doc = PyDoc_STR(DOC), .tp_basicsize = sizeof(Dispatcher),                     \
         .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL, \
         .tp_new = dispatcher_new, .tp_init = (initproc)(INIT),                            \
-        .tp_dealloc = (destructor)dispatcher_dealloc, .tp_free = PyObject_GC_Del,         \
+        .tp_dealloc = gc_dealloc, .tp_free = PyObject_GC_Del,         \
         .tp_traverse = (traverseproc)dispatcher_traverse,                                 \
         .tp_clear = (inquiry)dispatcher_clear, .tp_call = PyVectorcall_Call,              \
         .tp_vectorcall_offset = offsetof(Dispatcher, vectorcall),                         \
@@ -717,7 +1198,7 @@ static PyObject *dispatcher_new(PyTypeObject *type, PyObject *args, PyObject *kw
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "iomux.reactor._speedups",
-    .m_doc = "The loop's event dispatch in C (see iomux.reactor.speedups).",
+    .m_doc = "The loop's event dispatch and scheduling in C (see iomux.reactor.speedups).",
     .m_size = -1,
 };
 
@@ -728,6 +1209,27 @@ static int add_type(PyObject *m, const char *name, PyTypeObject *type) {
     if (PyModule_AddObject(m, name, (PyObject *)type) < 0) {
         Py_DECREF(type);
         return -1;
+    }
+    return 0;
+}
+
+static int make_task_kwnames(void) {
+    static const char *const names[4][3] = {
+        {"loop"}, {"loop", "name"}, {"loop", "context"}, {"loop", "name", "context"}};
+    for (int i = 0; i < 4; i++) {
+        int n = 1 + (i & 1) + (i >> 1);
+        PyObject *tuple = PyTuple_New(n);
+        if (tuple == NULL)
+            return -1;
+        for (int j = 0; j < n; j++) {
+            PyObject *name = PyUnicode_InternFromString(names[i][j]);
+            if (name == NULL) {
+                Py_DECREF(tuple);
+                return -1;
+            }
+            PyTuple_SET_ITEM(tuple, j, name);
+        }
+        Py_XSETREF(task_kwnames[i], tuple);
     }
     return 0;
 }
@@ -746,6 +1248,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         add_type(m, "ReadyDispatcher", &ReadyDispatcherType) < 0 ||
         add_type(m, "WriteMethod", &WriteMethodType) < 0 ||
         add_type(m, "StageWriteMethod", &StageWriteMethodType) < 0 ||
+        add_type(m, "LoopMethod", &LoopMethodType) < 0 || make_task_kwnames() < 0 ||
         PyModule_AddIntConstant(m, "RECORD_SIZE", (long)sizeof(struct event_record)) < 0 ||
         PyModule_AddIntConstant(m, "SEND_PAIR_SIZE", (long)sizeof(struct send_pair)) < 0) {
         Py_DECREF(m);

@@ -18,6 +18,13 @@ callbacks that were ready at that point, in order. A timer runs only once
 order they were scheduled. The I/O layer (:mod:`iomux.reactor.readiness`,
 :mod:`iomux.reactor.completion`) supplies :meth:`BaseReactor._process_io`
 and :meth:`BaseReactor._wake`.
+
+Where the C extension is built (:mod:`iomux.reactor.speedups`), the
+scheduling methods (``call_soon``, ``call_at``, ``call_later``, a timer's
+``cancel``, ``create_task``, ``get_debug``) and :meth:`BaseReactor._run_ready`
+are replaced at import by C versions that read the loop's ``__slots__`` and
+fill asyncio's handles exactly as the Python code below does; debug mode, a
+closed loop and a task factory always take the Python code.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from contextvars import Context, copy_context
 from typing import Any, TypeVar
 
 from .errors import ReactorClosed, ReactorRunning
+from .speedups import speedups
 
 T = TypeVar("T")
 #: asyncio's logger: messages asyncio defines (slow callbacks, unhandled
@@ -132,6 +140,18 @@ class _Timer(asyncio.TimerHandle):
 
 class BaseReactor(asyncio.AbstractEventLoop):
     """The I/O-independent part of an iomux event loop (see the module docstring)."""
+
+    # What the loop's scheduling methods in C read, at these slots' offsets
+    # (see the end of this module); instances keep asyncio's __dict__ too.
+    __slots__ = (
+        "_closed",
+        "_debug",
+        "_ready",
+        "_scheduled",
+        "_task_factory",
+        "_timer_cancelled_count",
+        "_timer_number",
+    )
 
     #: Callbacks slower than this many seconds are logged in debug mode.
     slow_callback_duration = 0.1
@@ -403,7 +423,12 @@ class BaseReactor(asyncio.AbstractEventLoop):
                 ready.append(handle)
         if self._debug:
             self._run_ready_debug()
-            return
+        else:
+            self._run_ready()
+
+    def _run_ready(self) -> None:
+        """Run the callbacks ready now (not those they schedule), in order."""
+        ready = self._ready
         # Handle._run() inlined: one Python call less per callback.
         for _ in range(len(ready)):
             handle = ready.popleft()
@@ -776,3 +801,34 @@ class BaseReactor(asyncio.AbstractEventLoop):
         else:
             sys.set_coroutine_origin_tracking_depth(self._coroutine_saved_depth or 0)
         self._coroutine_tracking = enabled
+
+
+def _install_scheduling() -> None:
+    # The scheduling methods in C where built (the choice is made once, at
+    # import): each fills asyncio's handles as the Python method does outside
+    # debug mode and hands every other case to that method.
+    built = speedups()
+    if built is None or not _FILL_HANDLES:
+        return
+    helpers: dict[str, Any] = {
+        "call_soon": deque.append,
+        "call_at": heapq.heappush,
+        "call_later": heapq.heappush,
+        "_run_ready": deque.popleft,
+        "create_task": asyncio.Task,
+        "get_debug": None,
+    }
+    for name, helper in helpers.items():
+        method = BaseReactor.__dict__[name]
+        setattr(
+            BaseReactor,
+            name,
+            built.LoopMethod(name, BaseReactor, asyncio.Handle, _Timer, method, helper),
+        )
+    cancel = _Timer.__dict__["cancel"]
+    _Timer.cancel = built.LoopMethod(  # type: ignore[method-assign]
+        "cancel", BaseReactor, asyncio.Handle, _Timer, cancel, None
+    )
+
+
+_install_scheduling()

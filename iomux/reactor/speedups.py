@@ -1,15 +1,18 @@
-"""The loop's event dispatch in C (``iomux.reactor._speedups``), where it was built.
+"""The loop's event dispatch and scheduling in C (``iomux.reactor._speedups``), where built.
 
 The completion and readiness I/O each hand one iteration's events to a C
 dispatcher, which makes the one Python call per received message itself
 (``protocol.data_received``) and passes every other event, in order, to
-the same Python code that runs when the extension is absent; a readiness
+the same Python code that runs when the extension is absent. A readiness
 stream transport's ``write()`` is in C too, writing to the socket at once
 where nothing waits to be sent, and so is a completion stream transport's,
-putting a short message on the ring's stage. Setting ``IOMUX_SPEEDUPS=0`` makes a new
-loop dispatch in Python (and, if set before ``iomux.reactor`` is
-imported, ``write()`` too), to compare the two or to rule the extension
-out.
+putting a short message on the ring's stage. So are the loop's scheduling
+methods (``call_soon``, ``call_at``, ``call_later``, a timer's ``cancel``,
+``create_task``, ``get_debug`` and the run of the ready callbacks; see the
+end of :mod:`iomux.reactor.base`). Setting ``IOMUX_SPEEDUPS=0`` makes a new
+loop dispatch in Python (and, if set before ``iomux.reactor`` is imported,
+``write()`` and the scheduling methods too), to compare the two or to rule
+the extension out.
 """
 
 from __future__ import annotations
@@ -46,4 +49,5 @@ def install_write(cls: type, method: str, *helpers: Callable[..., Any]) -> None:
     """
     built = speedups()
     if built is not None:
-        cls.write = getattr(built, method)(cls, cls.__dict__["write"], *helpers)
+        replacement = getattr(built, method)(cls, cls.__dict__["write"], *helpers)
+        setattr(cls, "write", replacement)  # noqa: B010 - mypy refuses assigning a method
