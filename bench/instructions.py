@@ -315,7 +315,7 @@ def render(
     )
     baseline = (
         f"\n`x {BASE}`: against `{BASE}` in the same run (`streams-*` rows against "
-        f"`streams-{BASE}`); `-` = it did not run.\n"
+        f"`streams-{BASE}`, `uvicorn-*` rows against `uvicorn-{BASE}`); `-` = it did not run.\n"
         if has_base
         else ""
     )

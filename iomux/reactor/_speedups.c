@@ -64,6 +64,9 @@ typedef struct {
     PyTypeObject *cls;
     PyObject *refs[MAX_REFS];
     Py_ssize_t read_size;
+    /* ReadyDispatcher reads into this, read_size bytes, then copies what
+     * came into a bytes object of its size: no large allocation per read. */
+    char *read_buffer;
     Py_ssize_t offset[MAX_ATTRS];
 } Dispatcher;
 
@@ -170,7 +173,9 @@ static int dispatcher_traverse(Dispatcher *self, visitproc visit, void *arg) {
 }
 
 static int dispatcher_clear(Dispatcher *self) {
-    Py_CLEAR(self->cls);
+    Py_CLEAR(self->cls); /* calls are refused from here on: check_call */
+    PyMem_RawFree(self->read_buffer);
+    self->read_buffer = NULL;
     for (int i = 0; i < MAX_REFS; i++)
         Py_CLEAR(self->refs[i]);
     return 0;
@@ -386,11 +391,17 @@ static int ready_init(Dispatcher *self, PyObject *args, PyObject *kwds) {
     refs[R_NAME] = PyUnicode_InternFromString("data_received");
     if (refs[R_NAME] == NULL)
         return -1;
-    int rc = setup(self, cls, ready_attrs, R_COUNT, refs, 3, R_HANDLE, "ReadyDispatcher");
+    char *buffer = PyMem_RawMalloc((size_t)read_size);
+    int rc = buffer != NULL
+                 ? setup(self, cls, ready_attrs, R_COUNT, refs, 3, R_HANDLE, "ReadyDispatcher")
+                 : (PyErr_NoMemory(), -1);
     if (rc == 0) {
         Py_XSETREF(self->refs[R_NAME], refs[R_NAME]);
         self->read_size = read_size;
+        PyMem_RawFree(self->read_buffer);
+        self->read_buffer = buffer;
     } else {
+        PyMem_RawFree(buffer);
         Py_DECREF(refs[R_NAME]);
     }
     return rc;
@@ -418,15 +429,9 @@ static int ready_read(Dispatcher *self, PyObject *target) {
     if (fd < 0 || fd > INT32_MAX)
         return PyErr_Occurred() ? -1 : 0;
     struct held h = hold(target, context, NULL, protocol);
-    PyObject *data = PyBytes_FromStringAndSize(NULL, self->read_size);
-    if (data == NULL) {
-        release(&h);
-        return -1;
-    }
-    ssize_t n = read((int)fd, PyBytes_AS_STRING(data), (size_t)self->read_size);
+    ssize_t n = read((int)fd, self->read_buffer, (size_t)self->read_size);
     if (n <= 0) {
         int err = errno;
-        Py_DECREF(data);
         release(&h);
         if (n == 0)
             return 0;
@@ -443,7 +448,8 @@ static int ready_read(Dispatcher *self, PyObject *target) {
         }
         return report_failure(self->refs[R_READ_FAILED], target) < 0 ? -1 : 1;
     }
-    if (n < self->read_size && _PyBytes_Resize(&data, n) < 0) {
+    PyObject *data = PyBytes_FromStringAndSize(self->read_buffer, n);
+    if (data == NULL) {
         release(&h);
         return -1;
     }
