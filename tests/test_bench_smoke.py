@@ -153,16 +153,18 @@ HAS_CALLGRIND = bool(shutil.which("valgrind") and shutil.which("callgrind_contro
 @needs_cc
 @pytest.mark.skipif(not REACTOR, reason="no iomux reactor (iomux.serve) to count")
 @pytest.mark.skipif(not HAS_CALLGRIND, reason="valgrind is not installed")
-def test_instructions(tmp_path: Path) -> None:
+@pytest.mark.parametrize("app", ["echo", "http"])
+def test_instructions(tmp_path: Path, app: str) -> None:
     """One iomux server under callgrind for 300 requests: a real count, every request answered."""
     server = "iomux-io_uring" if "io_uring" in AVAILABLE else "iomux-epoll"
     requests, conns = 300, 10
     data = run_bench(
         tmp_path,
         "instructions",
-        *("--requests", str(requests), "--conns", str(conns)),
+        *("--app", app, "--requests", str(requests), "--conns", str(conns)),
         *("--server", server, "--no-peers"),
     )
+    assert data["config"]["app"] == app
     assert [s["name"] for s in data["servers"]] == [server]
     [run] = data["runs"]
     assert run["server"] == server and run["conns"] == conns, run
@@ -175,7 +177,8 @@ def test_instructions(tmp_path: Path) -> None:
     assert run["instructions_per_request"] == run["instructions"] / run["requests"]
     cell = data["summary"][server][str(conns)]
     assert cell["instructions_per_request"] == run["instructions_per_request"]
-    assert server in (tmp_path / "instructions.md").read_text()
+    report = (tmp_path / "instructions.md").read_text()
+    assert server in report and ("HTTP keep-alive" in report) == (app == "http")
 
 
 def test_instructions_needs_valgrind(monkeypatch: pytest.MonkeyPatch) -> None:
