@@ -6,9 +6,10 @@ Everything else about the package is declared in ``pyproject.toml``.
   liburing older than 2.3) the build warns and goes on, and iomux installs
   with its other drivers; the io_uring driver then reports why it is
   unavailable.
-- ``iomux.reactor._speedups`` (the completion loop's event dispatch, plain
-  C against Python's API): without a compiler the loop runs the same
-  dispatch in Python.
+- ``iomux.reactor._speedups`` (the loop's event dispatch and scheduling)
+  and ``iomux._ready`` (the per-event loop of ``Multiplexer.ready()``),
+  plain C against Python's API: without a compiler the same code runs in
+  Python.
 """
 
 from __future__ import annotations
@@ -47,5 +48,6 @@ def uring_extension() -> Any:
 _speedups = Extension(
     "iomux.reactor._speedups", [os.path.join("iomux", "reactor", "_speedups.c")], optional=True
 )
+_ready = Extension("iomux._ready", [os.path.join("iomux", "_ready.c")], optional=True)
 _ext = uring_extension() if sys.platform.startswith("linux") else None
-setup(ext_modules=[_speedups] + ([_ext] if _ext is not None else []))
+setup(ext_modules=[_speedups, _ready] + ([_ext] if _ext is not None else []))

@@ -50,6 +50,29 @@ def test_read_and_write_in_one_event(mux: Multiplexer) -> None:
         assert ready_fds(mux.poll(0)) == {a.fileno(): int(R | W)}
 
 
+def test_ready_reports_what_poll_does_as_plain_tuples(mux: Multiplexer) -> None:
+    """ready() is poll() for an event loop: (fd, int mask, data), the same fds and masks."""
+    a, b = socketpair()
+    c, d = socketpair()
+    with a, b, c, d:
+        mux.register(a, R | W, "a")
+        mux.register(c, R, ["c"])
+        b.send(b"x")
+        poll_until(mux, a.fileno())
+        expected = {(ev.fd, int(ev.events)) for ev in mux.poll(0)}
+        got = mux.ready(0)
+        assert {(fd, mask) for fd, mask, _ in got} == expected == {(a.fileno(), int(R | W))}
+        assert [(type(mask), data) for _, mask, data in got] == [(int, "a")]
+        d.send(b"y")
+        poll_until(mux, c.fileno())
+        by_fd = {fd: (mask, data) for fd, mask, data in mux.ready(0)}
+        assert by_fd == {a.fileno(): (3, "a"), c.fileno(): (1, ["c"])}
+        mux.unregister(a)
+        mux.unregister(c)
+        mux.wakeup()
+        assert mux.ready(5.0) == []  # the wakeup ends the wait, and is no event
+
+
 def test_pipe_read_end(mux: Multiplexer) -> None:
     r, w = os.pipe()
     try:

@@ -50,7 +50,14 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Protocol, Union
 
 from .errors import ForkedError, InvalidFileObject, MultiplexerClosed, UnsupportedTrigger
+from .native import enabled as _native_enabled
 from .waker import Waker
+
+try:  # ready()'s per-event loop in C, where built (see _collect)
+    from . import _ready
+except ImportError:  # built without a C compiler: the same loop in Python
+    _ready = None  # type: ignore[assignment]
+_collect_ready = _ready.collect if _ready is not None and _native_enabled() else None
 
 
 class Interest(enum.IntFlag):
@@ -417,30 +424,41 @@ class Multiplexer(ABC):
         registrations = self._map
         ev_masks = self._ev_masks
         emulate_oneshot = self.emulate_oneshot
+        # ready() without one-shot emulation: the loop below, in C.
+        collect = None if as_events or emulate_oneshot else _collect_ready
         while True:
             if remaining is not None and remaining > MAX_WAIT:
                 remaining = MAX_WAIT
-            for fd, ev in self._wait(remaining):
-                want = want_of.get(fd)
-                if want is None:
-                    if fd == self._waker_fd:
-                        self._waker.drain()
-                        self._woken = True
-                    continue
-                mask = ev_masks.get(ev)
-                if mask is None:
-                    mask = ev_masks[ev] = self._translate(ev)
-                mask &= want
-                if not mask:
-                    continue
-                reg = registrations[fd]
-                if as_events:
-                    append(new_event(Event, (fd, MASKS[mask], reg.data)))
-                else:
-                    append((fd, mask, reg.data))
-                if emulate_oneshot and reg.trigger is Trigger.ONESHOT:
-                    self._control(fd, reg, None)
-                    want_of[fd] = 0
+            pairs = self._wait(remaining)
+            if collect is not None:
+                woken = collect(
+                    pairs, want_of, ev_masks, registrations, self._translate, self._waker_fd, events
+                )
+                if woken:
+                    self._waker.drain()
+                    self._woken = True
+            else:
+                for fd, ev in pairs:
+                    want = want_of.get(fd)
+                    if want is None:
+                        if fd == self._waker_fd:
+                            self._waker.drain()
+                            self._woken = True
+                        continue
+                    mask = ev_masks.get(ev)
+                    if mask is None:
+                        mask = ev_masks[ev] = self._translate(ev)
+                    mask &= want
+                    if not mask:
+                        continue
+                    reg = registrations[fd]
+                    if as_events:
+                        append(new_event(Event, (fd, MASKS[mask], reg.data)))
+                    else:
+                        append((fd, mask, reg.data))
+                    if emulate_oneshot and reg.trigger is Trigger.ONESHOT:
+                        self._control(fd, reg, None)
+                        want_of[fd] = 0
             if events or self._woken or remaining == 0.0:
                 self._woken = False
                 return events

@@ -9,21 +9,22 @@ where nothing waits to be sent, and so is a completion stream transport's,
 putting a short message on the ring's stage. So are the loop's scheduling
 methods (``call_soon``, ``call_at``, ``call_later``, a timer's ``cancel``,
 ``create_task``, ``get_debug`` and the run of the ready callbacks; see the
-end of :mod:`iomux.reactor.base`). Setting ``IOMUX_SPEEDUPS=0`` makes a new
-loop dispatch in Python (and, if set before ``iomux.reactor`` is imported,
-``write()`` and the scheduling methods too), to compare the two or to rule
-the extension out.
+end of :mod:`iomux.reactor.base`). Setting ``IOMUX_SPEEDUPS=0``
+(:mod:`iomux.native`) makes a new loop dispatch in Python (and, if set
+before ``iomux.reactor`` is imported, ``write()`` and the scheduling methods
+too), to compare the two or to rule the extension out.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-#: The environment variable that turns the C dispatch off (``0``).
-SPEEDUPS_ENV = "IOMUX_SPEEDUPS"
+from iomux.native import SPEEDUPS_ENV, enabled
+
+__all__ = ["SPEEDUPS_ENV", "install_write", "speedups"]
+
 
 try:
     from . import _speedups as _built
@@ -33,7 +34,7 @@ except ImportError:  # built without a C compiler: the loop dispatches in Python
 
 def speedups() -> ModuleType | None:
     """The C dispatch module, or None where it is not built or ``IOMUX_SPEEDUPS=0``."""
-    if _built is None or os.environ.get(SPEEDUPS_ENV, "1").strip() == "0":
+    if _built is None or not enabled():
         return None
     return _built
 
