@@ -154,6 +154,8 @@ def _check_layouts() -> None:
         "IOMUX_SEV_OFF_KIND": struct.calcsize("=I"),
         "IOMUX_SEV_OFF_RES": struct.calcsize("=II"),
         "IOMUX_SEV_OFF_OFF": struct.calcsize("=IIi"),
+        "IOMUX_SEND_PAIR_SIZE": SEND_PAIR.size,
+        "IOMUX_SEND_PAIR_OFF_LEN": struct.calcsize("=I"),
     }
     wrong = {k: (int(getattr(_lib, k)), v) for k, v in expected.items() if getattr(_lib, k) != v}
     if wrong:

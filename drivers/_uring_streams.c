@@ -90,6 +90,13 @@ enum {
     IOMUX_SEV_BACKLOG = 9,    /* res = bytes written and not sent yet, now above the limit */
 };
 
+/* One short send (8 bytes): the slot and the length of the stage's next
+ * bytes (iomux.completion.SEND_PAIR). */
+struct iomux_send_pair {
+    uint32_t slot;
+    uint32_t len;
+};
+
 /* What an ERROR event's off says failed. */
 enum { IOMUX_ERR_RECV = 0, IOMUX_ERR_SEND = 1, IOMUX_ERR_SHUTDOWN = 2, IOMUX_ERR_RECORD = 3 };
 
@@ -100,12 +107,16 @@ enum { IOMUX_ERR_RECV = 0, IOMUX_ERR_SEND = 1, IOMUX_ERR_SHUTDOWN = 2, IOMUX_ERR
 #define IOMUX_SEV_OFF_KIND offsetof(struct iomux_sev, kind)
 #define IOMUX_SEV_OFF_RES offsetof(struct iomux_sev, res)
 #define IOMUX_SEV_OFF_OFF offsetof(struct iomux_sev, off)
+#define IOMUX_SEND_PAIR_SIZE sizeof(struct iomux_send_pair)
+#define IOMUX_SEND_PAIR_OFF_LEN offsetof(struct iomux_send_pair, len)
 _Static_assert(sizeof(struct iomux_sop) == 24 && offsetof(struct iomux_sop, arg) == 8 &&
                    offsetof(struct iomux_sop, sends_before) == 16,
                "stream records are \"=IIQII\"");
 _Static_assert(sizeof(struct iomux_sev) == 16 && offsetof(struct iomux_sev, kind) == 4 &&
                    offsetof(struct iomux_sev, res) == 8 && offsetof(struct iomux_sev, off) == 12,
                "stream events are \"=IIiI\"");
+_Static_assert(sizeof(struct iomux_send_pair) == 8 && offsetof(struct iomux_send_pair, len) == 4,
+               "send pairs are \"=II\"");
 
 /* Connection flags. */
 #define CF_USED 0x1         /* the slot is in use */
@@ -685,8 +696,8 @@ static void stream_send_pair(iomux_ring *r, uint32_t slot, uint32_t n, const uns
  * early when there is no room for what the next one may produce (the rest
  * is passed again). */
 static void stream_records(iomux_ring *r, const struct iomux_sop *ops, unsigned nops,
-                           const uint32_t *sends, unsigned nsends, const unsigned char *stage,
-                           size_t stage_len, int64_t *done)
+                           const struct iomux_send_pair *sends, unsigned nsends,
+                           const unsigned char *stage, size_t stage_len, int64_t *done)
 {
     size_t off = 0;
     unsigned i = 0, k = 0;
@@ -700,7 +711,7 @@ static void stream_records(iomux_ring *r, const struct iomux_sop *ops, unsigned 
         while (k < upto) {
             if (!stream_room(r))
                 goto out;
-            stream_send_pair(r, sends[2 * k], sends[2 * k + 1], stage, stage_len, &off);
+            stream_send_pair(r, sends[k].slot, sends[k].len, stage, stage_len, &off);
             k++;
         }
         if (i == nops)

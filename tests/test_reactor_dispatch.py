@@ -8,6 +8,7 @@ import asyncio
 import contextvars
 import socket
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,14 @@ def test_the_c_dispatcher_is_built_here() -> None:
     except ImportError as exc:  # pragma: no cover - the failure this test exists for
         pytest.fail(f"iomux.reactor._speedups was not built ({exc}); reinstall with a C compiler")
     assert _speedups.RECORD_SIZE == EVENT_RECORD.size
+
+
+def test_an_extension_built_with_other_record_layouts_is_refused() -> None:
+    built = pytest.importorskip("iomux.reactor._speedups")  # its absence fails above
+    speedups_module.check_layouts(built)  # what happened at import
+    other = types.SimpleNamespace(RECORD_SIZE=EVENT_RECORD.size, SEND_PAIR_SIZE=12)
+    with pytest.raises(ImportError, match=r"'SEND_PAIR_SIZE': \(12, 8\).*rebuild it"):
+        speedups_module.check_layouts(other)
 
 
 def test_iomux_speedups_0_turns_the_c_dispatch_off(monkeypatch: pytest.MonkeyPatch) -> None:

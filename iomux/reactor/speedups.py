@@ -21,15 +21,30 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from iomux.completion import EVENT_RECORD, SEND_PAIR
 from iomux.native import SPEEDUPS_ENV, enabled
 
 __all__ = ["SPEEDUPS_ENV", "install_write", "speedups"]
+
+
+def check_layouts(built: Any) -> None:
+    """Raise ImportError unless ``built`` (the extension) was compiled with the
+    record layouts of :mod:`iomux.completion`, where each has its one definition."""
+    layouts = {"RECORD_SIZE": EVENT_RECORD.size, "SEND_PAIR_SIZE": SEND_PAIR.size}
+    wrong = {k: (getattr(built, k), v) for k, v in layouts.items() if getattr(built, k) != v}
+    if wrong:
+        raise ImportError(
+            f"iomux.reactor._speedups does not match iomux.completion (C, Python): {wrong}; "
+            "rebuild it (pip install -e . again)"
+        )
 
 
 try:
     from . import _speedups as _built
 except ImportError:  # built without a C compiler: the loop dispatches in Python
     _built = None  # type: ignore[assignment]
+else:
+    check_layouts(_built)
 
 
 def speedups() -> ModuleType | None:
