@@ -741,7 +741,8 @@ typedef struct {
 _Static_assert(offsetof(LoopMethod, helper) == offsetof(LoopMethod, refs[M_HELPER]),
                "LoopMethod's named references are its refs");
 
-/* The keyword names create_task passes to Task: loop, and name and context where given. */
+/* The keyword names create_task passes to Task: loop, and name and context where given
+ * (task_kwnames[2] is ("loop", "context"), interned). */
 static PyObject *task_kwnames[4];
 
 static inline PyObject *loop_get(LoopMethod *self, PyObject *loop, int i) {
@@ -774,8 +775,11 @@ static int context_keyword(PyObject *kwnames, PyObject *const *values, PyObject 
     *context = NULL;
     if (kwnames == NULL || PyTuple_GET_SIZE(kwnames) == 0)
         return 0;
+    /* A task's step passes the interned name: compared by identity first. */
+    PyObject *key = PyTuple_GET_ITEM(kwnames, 0);
     if (PyTuple_GET_SIZE(kwnames) != 1 ||
-        PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "context") != 0)
+        (key != PyTuple_GET_ITEM(task_kwnames[2], 1) &&
+         PyUnicode_CompareWithASCIIString(key, "context") != 0))
         return -1;
     *context = values[0] == Py_None ? NULL : values[0];
     return 0;
